@@ -1,0 +1,7 @@
+"""edgecluster: pool everyday devices into one AI cluster.
+
+Layers (imports point down only): api -> plan -> engine -> comm -> net -> weights -> types/config/errors.
+"""
+
+PROTOCOL_VERSION = 1
+__version__ = "0.1.0"

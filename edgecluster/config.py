@@ -1,0 +1,95 @@
+"""Configuration of the two processes, validated once, frozen."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgecluster.net.grpc_util import TlsFiles
+
+DEFAULT_GRPC_PORT = 50050
+DEFAULT_HTTP_PORT = 8000
+DTYPES = ("float32", "bfloat16")
+
+
+def cache_root() -> Path:
+    """Where edgecluster keeps models and agent data: $EDGE_CACHE_DIR or ~/.cache/edgecluster."""
+    if os.environ.get("EDGE_CACHE_DIR"):
+        return Path(os.environ["EDGE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edgecluster"
+
+
+def _check_port(name: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{name} must be between 0 and 65535, got {port}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    token: str
+    name: str
+    coordinator: str | None = None  # host:port; None: find it over mDNS
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port
+    data_port: int = 0
+    data_dir: Path
+    memory_limit_bytes: int = 0  # 0: no limit promised
+    mdns: bool = True
+    threads: int = 0  # torch threads; 0: from the cores this process may use
+    window_blocks: int = 0  # 0: chosen automatically when streaming
+    heartbeat_interval_s: float = 0.5
+    tls: TlsFiles = field(default_factory=TlsFiles)
+
+    def __post_init__(self) -> None:
+        if not self.token:
+            raise ValueError("an agent needs the cluster token: pass --token or set EDGE_TOKEN")
+        if not self.name or len(self.name) > 63:
+            raise ValueError("--name must be 1 to 63 characters")
+        _check_port("--port", self.port)
+        if self.coordinator is not None and ":" not in self.coordinator:
+            raise ValueError(f"coordinator {self.coordinator!r} must be host:port (grpc port)")
+        if self.memory_limit_bytes < 0 or self.threads < 0 or self.window_blocks < 0:
+            raise ValueError("--memory-limit, --threads and --window must not be negative")
+        if self.window_blocks == 1:
+            raise ValueError("--window must be at least 2 (one block computing, one loading)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoordinatorConfig:
+    token: str
+    model: str = "none"
+    host: str = "127.0.0.1"
+    http_port: int = DEFAULT_HTTP_PORT
+    grpc_port: int = DEFAULT_GRPC_PORT
+    data_port: int = 0
+    peers: tuple[str, ...] = ()
+    mdns: bool = True
+    local_agents: int = 0
+    min_agents: int = 1
+    dtype: str = "float32"
+    storage_dtype: str | None = None  # None: same as dtype
+    max_context: int = 2048
+    memory_limit_bytes: int = 0
+    link_delay_ms: float = 0.0
+    heartbeat_timeout_s: float = 2.5
+    tls: TlsFiles = field(default_factory=TlsFiles)
+    cache_dir: Path = field(default_factory=cache_root)
+
+    def __post_init__(self) -> None:
+        if not self.token:
+            raise ValueError("the coordinator needs a token (one is generated when omitted)")
+        _check_port("--port", self.http_port)
+        _check_port("--grpc-port", self.grpc_port)
+        if self.local_agents < 0 or self.min_agents < 1:
+            raise ValueError("--local must be >= 0 and --min-agents >= 1")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.storage_dtype is not None and self.storage_dtype not in DTYPES:
+            raise ValueError(f"--storage-dtype must be one of {DTYPES}")
+        if self.max_context < 16:
+            raise ValueError("--max-context must be at least 16 tokens")
+        for peer in self.peers:
+            if ":" not in peer:
+                raise ValueError(f"--peers entry {peer!r} must be host:port (an agent's grpc port)")

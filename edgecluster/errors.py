@@ -1,0 +1,29 @@
+"""Project error types. Each message says what went wrong and how to fix it."""
+
+
+class EdgeClusterError(Exception):
+    """Base class for errors a user can act on."""
+
+
+class AuthenticationError(EdgeClusterError):
+    """A peer refused our cluster token, or presented a wrong one."""
+
+
+class ProtocolMismatchError(EdgeClusterError):
+    """Peers speak different protocol versions."""
+
+
+class TensorMessageError(EdgeClusterError, ValueError):
+    """A tensor message does not match its declared dtype, shape or size limits."""
+
+
+class PeerLostError(EdgeClusterError):
+    """A peer of a session disconnected or stopped answering."""
+
+    def __init__(self, peer: str, detail: str) -> None:
+        super().__init__(f"lost agent {peer}: {detail}")
+        self.peer = peer
+
+
+class PlanError(EdgeClusterError, ValueError):
+    """No placement of the model fits the cluster."""

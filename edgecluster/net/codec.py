@@ -1,0 +1,170 @@
+"""Tensors on the wire: dtype + shape + raw bytes in `TensorChunk` messages.
+
+The one place tensors become protobuf and back. Every incoming chunk is checked
+against its declared dtype, shape and the configured limits before any byte is
+used; a bad one raises TensorMessageError whose message says what was wrong.
+Payloads over CHUNK_BYTES travel as several chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from edgecluster.errors import TensorMessageError
+from edgecluster.net.pb import edgecluster_pb2 as pb
+
+CHUNK_BYTES = 1 << 20
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorLimits:
+    max_ndim: int = 8
+    max_numel: int = 1 << 31
+    max_tensor_bytes: int = 4 << 30
+    max_chunk_bytes: int = CHUNK_BYTES
+
+    def __post_init__(self) -> None:
+        if min(self.max_ndim, self.max_numel, self.max_tensor_bytes, self.max_chunk_bytes) <= 0:
+            raise ValueError("tensor limits must all be positive")
+
+
+DEFAULT_LIMITS = TensorLimits()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} cannot travel; use one of {sorted(DTYPES)}") from None
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of `t` (a view when `t` is contiguous)."""
+    flat = t.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy().data)
+
+
+def encode_chunks(
+    t: torch.Tensor, name: str = "", chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[pb.TensorChunk]:
+    """TensorChunk messages carrying `t`; one when it fits in `chunk_bytes`."""
+    raw = tensor_bytes(t)
+    dtype, shape = dtype_name(t.dtype), list(t.shape)
+    if len(raw) <= chunk_bytes:
+        yield pb.TensorChunk(name=name, dtype=dtype, shape=shape, offset=0, data=raw.tobytes())
+        return
+    for offset in range(0, len(raw), chunk_bytes):
+        piece = raw[offset : offset + chunk_bytes].tobytes()
+        yield pb.TensorChunk(name=name, dtype=dtype, shape=shape, offset=offset, data=piece)
+
+
+def check_header(chunk: pb.TensorChunk, limits: TensorLimits) -> tuple[torch.dtype, int]:
+    """(dtype, total byte count) declared by `chunk`, or TensorMessageError."""
+    label = f"tensor {chunk.name!r}" if chunk.name else "tensor"
+    dtype = DTYPES.get(chunk.dtype)
+    if dtype is None:
+        raise TensorMessageError(
+            f"{label}: unknown dtype {chunk.dtype!r}; expected one of {sorted(DTYPES)}"
+        )
+    shape = list(chunk.shape)
+    if len(shape) > limits.max_ndim:
+        raise TensorMessageError(f"{label}: {len(shape)} dims exceeds the limit {limits.max_ndim}")
+    if any(d < 0 for d in shape):
+        raise TensorMessageError(f"{label}: negative dimension in shape {shape}")
+    numel = math.prod(shape)
+    if numel > limits.max_numel:
+        raise TensorMessageError(
+            f"{label}: shape {shape} has {numel} elements, over the limit {limits.max_numel}"
+        )
+    nbytes = numel * dtype.itemsize
+    if nbytes > limits.max_tensor_bytes:
+        raise TensorMessageError(
+            f"{label}: {nbytes} bytes exceeds the size limit {limits.max_tensor_bytes}"
+        )
+    if len(chunk.data) > limits.max_chunk_bytes:
+        raise TensorMessageError(
+            f"{label}: a chunk of {len(chunk.data)} bytes exceeds the chunk limit "
+            f"{limits.max_chunk_bytes}; split the payload into chunks"
+        )
+    if chunk.offset < 0 or chunk.offset + len(chunk.data) > nbytes:
+        raise TensorMessageError(
+            f"{label}: bytes [{chunk.offset}, {chunk.offset + len(chunk.data)}) fall outside "
+            f"the {nbytes} bytes that {chunk.dtype} {shape} holds"
+        )
+    return dtype, nbytes
+
+
+def decode_single(chunk: pb.TensorChunk, limits: TensorLimits = DEFAULT_LIMITS) -> torch.Tensor:
+    """A tensor carried whole by one chunk."""
+    dtype, nbytes = check_header(chunk, limits)
+    if chunk.offset != 0 or len(chunk.data) != nbytes:
+        raise TensorMessageError(
+            f"tensor {chunk.name!r}: {chunk.dtype} {list(chunk.shape)} needs {nbytes} bytes "
+            f"but the message carries {len(chunk.data)} at offset {chunk.offset}"
+        )
+    return _from_bytes(chunk.data, dtype, list(chunk.shape))
+
+
+def _from_bytes(data: bytes | bytearray, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+
+
+class TensorAssembler:
+    """Reassembles one tensor from its chunks, in order, checking each."""
+
+    def __init__(self, limits: TensorLimits = DEFAULT_LIMITS) -> None:
+        self._limits = limits
+        self._buffer: bytearray | None = None
+        self._header: tuple[str, str, tuple[int, ...]] | None = None
+        self._received = 0
+        self._dtype = torch.uint8
+
+    def add(self, chunk: pb.TensorChunk) -> torch.Tensor | None:
+        """Takes the next chunk; returns the tensor once its last byte arrived."""
+        dtype, nbytes = check_header(chunk, self._limits)
+        header = (chunk.name, chunk.dtype, tuple(chunk.shape))
+        if self._header is None:
+            if chunk.offset != 0:
+                raise TensorMessageError(f"tensor {chunk.name!r}: first chunk at {chunk.offset}")
+            if len(chunk.data) == nbytes:
+                return _from_bytes(chunk.data, dtype, list(chunk.shape))
+            self._header, self._dtype = header, dtype
+            self._buffer = bytearray(nbytes)
+        elif header != self._header:
+            raise TensorMessageError(
+                f"chunk of {chunk.name!r} {chunk.dtype} {list(chunk.shape)} does not continue "
+                f"tensor {self._header[0]!r} {self._header[1]} {list(self._header[2])}"
+            )
+        if chunk.offset != self._received:
+            raise TensorMessageError(
+                f"tensor {chunk.name!r}: chunk at byte {chunk.offset}, expected {self._received}"
+            )
+        assert self._buffer is not None
+        end = chunk.offset + len(chunk.data)
+        self._buffer[chunk.offset : end] = chunk.data
+        self._received = end
+        if end < len(self._buffer):
+            return None
+        tensor = torch.frombuffer(self._buffer, dtype=self._dtype).reshape(self._header[2])
+        self._buffer, self._header, self._received = None, None, 0
+        return tensor
+
+    @property
+    def in_progress(self) -> bool:
+        return self._header is not None
