@@ -1,0 +1,85 @@
+"""`edge-agent join`: put this device in an edgecluster."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from edgecluster.config import AgentConfig, cache_root
+from edgecluster.log import configure_logging
+from edgecluster.net.grpc_util import TlsFiles
+from edgecluster.units import parse_size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    join = sub.add_parser("join", help="join a cluster and serve its work")
+    join.add_argument(
+        "coordinator",
+        nargs="?",
+        help="coordinator host:grpc_port (default: find it over mDNS)",
+    )
+    join.add_argument(
+        "--token", default=os.environ.get("EDGE_TOKEN"), help="cluster token (or EDGE_TOKEN)"
+    )
+    join.add_argument("--name", default=socket.gethostname(), help="this device's name")
+    join.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: all)")
+    join.add_argument("--port", type=int, default=0, help="gRPC port (default: any free)")
+    join.add_argument("--data-port", type=int, default=0, help="data-channel port (default: any)")
+    join.add_argument(
+        "--data-dir", type=Path, help="shard cache (default: ~/.cache/edgecluster/agents/NAME)"
+    )
+    join.add_argument("--memory-limit", help="promise to stay under this RSS, e.g. 512MiB, 2GiB")
+    join.add_argument("--threads", type=int, default=0, help="torch threads (default: from cores)")
+    join.add_argument(
+        "--window", type=int, default=0, help="streaming window in blocks (default: auto)"
+    )
+    join.add_argument("--no-mdns", action="store_true", help="do not advertise or browse mDNS")
+    join.add_argument("--tls-cert", type=Path)
+    join.add_argument("--tls-key", type=Path)
+    join.add_argument("--tls-ca", type=Path, help="CA that signed the coordinator's certificate")
+    join.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    return AgentConfig(
+        token=args.token or "",
+        name=args.name,
+        coordinator=args.coordinator,
+        host=args.host,
+        port=args.port,
+        data_port=args.data_port,
+        data_dir=args.data_dir or cache_root() / "agents" / args.name,
+        memory_limit_bytes=parse_size(args.memory_limit) if args.memory_limit else 0,
+        mdns=not args.no_mdns,
+        threads=args.threads,
+        window_blocks=args.window,
+        tls=TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.name, args.log_level)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    from edgecluster.runtime.agent import run_agent  # heavy imports after argument checks
+
+    return run_agent(config, stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Communicator: all_reduce (sum), broadcast, send and recv among a session's ranks.
+
+Model code calls this, never a transport. Rank 0 is the hub (the coordinator).
+Links form a full mesh, opened once per session and kept: rank i dials every rank
+j < i and accepts from every rank j > i. Collectives run in the same order on
+every rank, so frames on a link need no tags.
+
+Two all-reduce algorithms:
+- star: every rank sends its partial to the hub, the hub adds and sends the sum
+  back. Two link latencies whatever the rank count (TPI-LLM's choice for
+  latency-bound edge links).
+- ring: reduce-scatter then all-gather over the ring, 2(N-1) link latencies, each
+  carrying 1/N of the payload; better for large payloads on bandwidth-bound links.
+
+Sums accumulate in float32 and are cast back once, so every rank gets the same bits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from edgecluster.net.datachannel import DataListener, Link, dial
+
+log = logging.getLogger(__name__)
+
+ALGORITHMS = ("star", "ring")
+_ASYNC_SEND_BYTES = 128 << 10
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionConfig:
+    session_id: str
+    session_key: bytes
+    rank: int
+    endpoints: tuple[str, ...]  # data-channel host:port of each rank
+    algorithm: str = "star"
+    link_delay_ms: float = 0.0
+    connect_timeout_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm {self.algorithm!r}: choose one of {ALGORITHMS}")
+        if not 0 <= self.rank < len(self.endpoints):
+            raise ValueError(f"rank {self.rank} outside a session of {len(self.endpoints)}")
+        if len(self.session_key) < 16:
+            raise ValueError("session key must be at least 16 bytes")
+
+    @property
+    def world_size(self) -> int:
+        return len(self.endpoints)
+
+
+class Communicator:
+    """Collectives over kept data-channel links. One caller thread at a time."""
+
+    def __init__(self, config: SessionConfig, links: dict[int, Link]) -> None:
+        self.config = config
+        self.rank = config.rank
+        self.world_size = config.world_size
+        self._links = links
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="comm-send")
+
+    @classmethod
+    def connect(
+        cls, config: SessionConfig, listener: DataListener, names: Sequence[str] | None = None
+    ) -> Communicator:
+        """Opens the session's mesh; `listener` must already expect this session."""
+        names = names or [f"rank {r}" for r in range(config.world_size)]
+        links: dict[int, Link] = {}
+        try:
+            for peer in range(config.rank):
+                links[peer] = dial(
+                    config.endpoints[peer],
+                    session_id=config.session_id,
+                    key=config.session_key,
+                    rank=config.rank,
+                    peer=names[peer],
+                    link_delay_ms=config.link_delay_ms,
+                    timeout_s=config.connect_timeout_s,
+                )
+            for peer in range(config.rank + 1, config.world_size):
+                link = listener.take(config.session_id, peer, config.connect_timeout_s)
+                link.peer = names[peer]
+                links[peer] = link
+        except Exception:
+            for link in links.values():
+                link.close()
+            raise
+        return cls(config, links)
+
+    def link(self, rank: int) -> Link:
+        return self._links[rank]
+
+    # ---- point to point ----
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        self._links[dst].send_tensor(tensor)
+
+    def recv(self, src: int) -> torch.Tensor:
+        return self._links[src].recv_tensor()
+
+    # ---- collectives ----
+    def broadcast(self, tensor: torch.Tensor | None, src: int = 0) -> torch.Tensor:
+        """Every rank gets `src`'s tensor (others pass None). Star-shaped."""
+        if self.rank == src:
+            assert tensor is not None, "the broadcast source must pass a tensor"
+            for peer in self._links:
+                self.send(tensor, peer)
+            return tensor
+        return self.recv(src)
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum of every rank's `tensor`, returned on every rank (a new tensor)."""
+        if self.world_size == 1:
+            return tensor.clone()
+        if self.config.algorithm == "star":
+            return self._star_all_reduce(tensor)
+        return self._ring_all_reduce(tensor)
+
+    def reduce(self, tensor: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+        """Sum at `dst` only (star); saves the return trip when others need no result."""
+        if self.rank != dst:
+            self.send(tensor, dst)
+            return None
+        total = tensor.to(torch.float32, copy=True)
+        for peer in self._links:
+            total += self.recv(peer)
+        return total.to(tensor.dtype)
+
+    def _star_all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        hub = 0
+        if self.rank != hub:
+            self.send(tensor, hub)
+            return self.recv(hub)
+        reduced = self.reduce(tensor, hub)
+        assert reduced is not None
+        for peer in self._links:
+            self.send(reduced, peer)
+        return reduced
+
+    def _ring_all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        n, rank = self.world_size, self.rank
+        work = tensor.to(torch.float32, copy=True).reshape(-1)
+        chunks = list(torch.tensor_split(work, n))
+        nxt, prv = (rank + 1) % n, (rank - 1) % n
+        for step in range(n - 1):  # reduce-scatter: chunk (rank-step) flows forward
+            incoming = self._exchange(chunks[(rank - step) % n], nxt, prv)
+            chunks[(rank - step - 1) % n] += incoming
+        for step in range(n - 1):  # all-gather: the reduced chunk (rank+1-step) flows on
+            incoming = self._exchange(chunks[(rank + 1 - step) % n], nxt, prv)
+            chunks[(rank - step) % n].copy_(incoming)
+        return work.reshape(tensor.shape).to(tensor.dtype)
+
+    def _exchange(self, out: torch.Tensor, dst: int, src: int) -> torch.Tensor:
+        """Sends `out` to dst while receiving from src (a thread for large payloads)."""
+        if out.numel() * out.element_size() < _ASYNC_SEND_BYTES:
+            self.send(out, dst)
+            return self.recv(src)
+        pending = self._sender.submit(self.send, out, dst)
+        incoming = self.recv(src)
+        pending.result()
+        return incoming
+
+    def close(self) -> None:
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
+        self._sender.shutdown(wait=False)

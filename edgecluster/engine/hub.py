@@ -1,0 +1,67 @@
+"""The hub's part of the model (rank 0, the coordinator): embedding, final norm, LM head.
+
+One forward step of a packed batch: broadcast the step header and the embedded
+hidden state, then for every block all-reduce the residual (the hub's partial is the
+residual itself, the agents' partials are their attention / MLP outputs). The last
+block is a reduce to the hub only. Two messages per agent per block; nothing else
+crosses the network.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from edgecluster.comm.communicator import Communicator
+from edgecluster.engine.shard_executor import rms_norm
+from edgecluster.engine.step_protocol import end_header, free_header, step_header
+from edgecluster.model_config import ModelConfig
+
+
+class HubModel:
+    def __init__(self, cfg: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype):
+        self.cfg, self.dtype = cfg, dtype
+        self.embed = tensors["embed"].to(dtype)  # [V, H]
+        self.final_norm = tensors["final_norm"].to(dtype)  # [H]
+        head = tensors["lm_head"]
+        self.lm_head = self.embed if head is tensors["embed"] else head.to(dtype)  # [V, H]
+
+    @property
+    def weight_bytes(self) -> int:
+        tensors = {id(t): t for t in (self.embed, self.final_norm, self.lm_head)}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def forward(
+        self, comm: Communicator, token_ids: torch.Tensor, segments: list[tuple[int, int, int]]
+    ) -> torch.Tensor:
+        """Logits [num_segments, V] (float32) at the last token of each segment."""
+        comm.broadcast(step_header(segments))
+        h = F.embedding(token_ids, self.embed)  # [T, H]
+        comm.broadcast(h)
+        blocks = 2 * self.cfg.num_layers
+        for block in range(blocks):
+            if block < blocks - 1:
+                h = comm.all_reduce(h)
+            else:
+                reduced = comm.reduce(h)
+                assert reduced is not None
+                h = reduced
+        last = torch.tensor(_last_rows(segments))
+        x = rms_norm(h[last], self.final_norm, self.cfg.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()
+
+    @staticmethod
+    def free(comm: Communicator, seq_ids: list[int]) -> None:
+        comm.broadcast(free_header(seq_ids))
+
+    @staticmethod
+    def end(comm: Communicator) -> None:
+        comm.broadcast(end_header())
+
+
+def _last_rows(segments: list[tuple[int, int, int]]) -> list[int]:
+    rows, offset = [], 0
+    for _, _, count in segments:
+        offset += count
+        rows.append(offset - 1)
+    return rows

@@ -1,0 +1,168 @@
+"""The coordinator: membership, discovery, local agents, serving, HTTP API.
+
+`run_coordinator` wires the pieces and serves until stopped. With `--model none`
+only the control plane runs (membership and the cluster view).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from edgecluster.config import CoordinatorConfig
+from edgecluster.device.profile import effective_cpus
+from edgecluster.net.discovery import Announcement, Discovery
+from edgecluster.net.grpc_util import open_channel, start_server
+from edgecluster.net.pb import edgecluster_pb2 as pb
+from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
+from edgecluster.runtime.coordinator_service import CoordinatorService
+from edgecluster.runtime.local_agents import LocalAgents
+from edgecluster.runtime.membership import Membership
+
+log = logging.getLogger(__name__)
+
+
+class ControlPlane:
+    """The cluster without a model: who is here."""
+
+    def __init__(self, membership: Membership) -> None:
+        self._membership = membership
+
+    def state(self) -> str:
+        return "control plane only (no model)"
+
+    def cluster_view(self) -> dict[str, Any]:
+        return {"model": None, "agents": [m.to_json() for m in self._membership.snapshot()]}
+
+
+class CoordinatorNode:
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        self.node_id = uuid.uuid4().hex
+        self.membership = Membership(timeout_s=config.heartbeat_timeout_s)
+        self._stop = threading.Event()
+        self.server, self.grpc_port = start_server(
+            host=config.host,
+            port=config.grpc_port,
+            token=config.token,
+            tls=config.tls,
+            register=[
+                lambda s: pb_grpc.add_CoordinatorServicer_to_server(
+                    CoordinatorService(self.membership), s
+                )
+            ],
+        )
+        self.membership.run_sweeper(self._stop)
+        self.discovery = Discovery(config.host) if config.mdns else None
+        self.local = LocalAgents()
+        self.serving: Any = None
+        self._invited: dict[str, float] = {}
+
+    @property
+    def grpc_address(self) -> str:
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
+        return f"{host}:{self.grpc_port}"
+
+    def start(self) -> None:
+        if self.discovery is not None:
+            self.discovery.advertise(
+                role="coordinator", name="coordinator", node_id=self.node_id, port=self.grpc_port
+            )
+            self.discovery.watch("agent", self._agent_seen)
+        if self.config.peers:
+            threading.Thread(target=self._invite_peers, name="peers", daemon=True).start()
+        if self.config.local_agents:
+            threads = max(1, int(effective_cpus()) // (self.config.local_agents + 1))
+            self.local.start(
+                self.config.local_agents,
+                coordinator=self.grpc_address,
+                token=self.config.token,
+                data_root=self.config.cache_dir / "local-agents",
+                threads=threads,
+            )
+
+    def start_serving(self) -> None:
+        if self.config.model == "none":
+            return
+        from edgecluster.runtime.serving import ServingCluster
+        from edgecluster.weights.models import resolve_model
+
+        model_dir = resolve_model(self.config.model, self.config.cache_dir)
+        self.serving = ServingCluster(self.config, self.membership, model_dir, self.config.model)
+
+    def _agent_seen(self, ann: Announcement) -> None:
+        known = {m.id for m in self.membership.alive()}
+        if ann.node_id not in known:
+            self._invite(ann.address)
+
+    def _invite_peers(self) -> None:
+        while not self._stop.wait(1.0):
+            alive = {m.address for m in self.membership.alive()}
+            for peer in self.config.peers:
+                if peer not in alive:
+                    self._invite(peer)
+
+    def _invite(self, address: str) -> None:
+        now = time.monotonic()
+        if now - self._invited.get(address, 0.0) < 2.0:
+            return
+        self._invited[address] = now
+        channel = open_channel(address, self.config.token, self.config.tls)
+        try:
+            pb_grpc.AgentStub(channel).Invite(
+                pb.InviteRequest(coordinator_address=self._address_for(address)), timeout=2
+            )
+        except grpc.RpcError as exc:
+            log.debug("invite to %s failed: %s", address, exc.code())
+        finally:
+            channel.close()
+
+    def _address_for(self, agent_address: str) -> str:
+        from edgecluster.runtime.agent import reachable_host
+
+        return f"{reachable_host(self.config.host, agent_address)}:{self.grpc_port}"
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.serving is not None:
+            self.serving.close()
+        self.local.stop()
+        if self.discovery is not None:
+            self.discovery.close()
+        self.server.stop(grace=0.5)
+
+
+async def _serve_http(node: CoordinatorNode, stop: threading.Event) -> None:
+    from edgecluster.api.http import build_app
+
+    control = ControlPlane(node.membership)
+    runner = web.AppRunner(build_app(backend=node.serving, control=control), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, node.config.host, node.config.http_port)
+    await site.start()
+    log.info("HTTP API on http://%s:%d", node.config.host, node.config.http_port)
+    try:
+        while not stop.is_set():
+            await asyncio.sleep(0.2)
+    finally:
+        await runner.cleanup()
+
+
+def run_coordinator(config: CoordinatorConfig, stop: threading.Event, on_ready: Any = None) -> int:
+    node = CoordinatorNode(config)
+    try:
+        node.start()
+        node.start_serving()
+        if on_ready is not None:
+            on_ready(node)
+        asyncio.run(_serve_http(node, stop))
+    finally:
+        node.stop()
+    return 0

@@ -1,0 +1,181 @@
+"""Continuous batching over the distributed model, on one thread.
+
+Every step packs, for each active request, either its next prompt chunk (prefill,
+at most `max_step_tokens` tokens per step in all) or its one new token (decode),
+runs one forward pass across the cluster, and samples for every request whose
+prompt is consumed. Requests join and leave between steps, so concurrent requests
+share every step (batched) rather than waiting in line.
+
+A lost agent fails every active request with BackendUnavailable naming it; the
+scheduler then waits until a new session is attached.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from edgecluster.api.backend import BackendUnavailable, SamplingParams
+from edgecluster.comm.communicator import Communicator
+from edgecluster.engine.hub import HubModel
+from edgecluster.engine.sampling import sample_token
+from edgecluster.errors import EdgeClusterError
+
+log = logging.getLogger(__name__)
+
+# emit(token, error): token is a new id; token None and error None means finished.
+Emit = Callable[[int | None, Exception | None], None]
+
+
+@dataclass(kw_only=True)
+class GenRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    eos_ids: frozenset[int]
+    emit: Emit
+    seq_id: int = 0
+    prefilled: int = 0
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+
+class Scheduler:
+    def __init__(self, *, max_step_tokens: int = 512, max_batch: int = 16) -> None:
+        self._max_step_tokens = max_step_tokens
+        self._max_batch = max_batch
+        self._cond = threading.Condition()
+        self._waiting: list[GenRequest] = []
+        self._active: list[GenRequest] = []
+        self._session: tuple[HubModel, Communicator] | None = None
+        self._ids = itertools.count(1)
+        self._stop = False
+        self.on_lost: Callable[[EdgeClusterError], None] = lambda exc: None
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- control ----
+    def attach(self, hub: HubModel, comm: Communicator) -> None:
+        with self._cond:
+            self._session = (hub, comm)
+            self._cond.notify_all()
+
+    def detach(self, reason: str) -> Communicator | None:
+        """Drops the session; fails active requests with `reason`. Returns its comm."""
+        with self._cond:
+            session, self._session = self._session, None
+            failed, self._active = self._active, []
+        for req in failed:
+            req.emit(None, BackendUnavailable(reason))
+        return session[1] if session else None
+
+    @property
+    def busy(self) -> bool:
+        with self._cond:
+            return bool(self._active or self._waiting)
+
+    def submit(self, req: GenRequest) -> GenRequest:
+        with self._cond:
+            req.seq_id = next(self._ids)
+            self._waiting.append(req)
+            self._cond.notify_all()
+        return req
+
+    def cancel(self, req: GenRequest) -> None:
+        with self._cond:
+            req.cancelled = True
+            if req in self._waiting:
+                self._waiting.remove(req)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+
+    # ---- the loop ----
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and (self._session is None or not self._has_work()):
+                    self._cond.wait()
+                if self._stop:
+                    return
+                self._admit()
+                session = self._session
+                batch = list(self._active)
+            assert session is not None
+            try:
+                self._step(*session, batch)
+            except EdgeClusterError as exc:
+                log.warning("step failed: %s", exc)
+                self.detach(str(exc))
+                self.on_lost(exc)
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._active)
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._active) < self._max_batch:
+            self._active.append(self._waiting.pop(0))
+
+    def _step(self, hub: HubModel, comm: Communicator, batch: list[GenRequest]) -> None:
+        finished = [r for r in batch if r.cancelled]
+        batch = [r for r in batch if not r.cancelled]
+        segments, tokens, sampling = self._pack(batch)
+        if segments:
+            logits = hub.forward(comm, torch.tensor(tokens, dtype=torch.int64), segments)
+            for row, req in sampling:
+                if req.cancelled:
+                    continue
+                token = sample_token(logits[row], req.params, req.generator)
+                req.generated.append(token)
+                req.emit(token, None)
+                if token in req.eos_ids or len(req.generated) >= req.params.max_tokens:
+                    finished.append(req)
+        self._retire(hub, comm, finished)
+
+    def _pack(
+        self, batch: list[GenRequest]
+    ) -> tuple[list[tuple[int, int, int]], list[int], list[tuple[int, GenRequest]]]:
+        segments: list[tuple[int, int, int]] = []
+        tokens: list[int] = []
+        sampling: list[tuple[int, GenRequest]] = []
+        budget = self._max_step_tokens
+        for req in batch:
+            if req.prefilled < len(req.prompt_ids):  # prefill the next prompt chunk
+                if budget <= 0:
+                    continue
+                chunk = req.prompt_ids[req.prefilled : req.prefilled + budget]
+                segments.append((req.seq_id, req.prefilled, len(chunk)))
+                tokens.extend(chunk)
+                req.prefilled += len(chunk)
+                budget -= len(chunk)
+                if req.prefilled < len(req.prompt_ids):
+                    continue
+            else:  # decode its last token
+                position = len(req.prompt_ids) + len(req.generated) - 1
+                segments.append((req.seq_id, position, 1))
+                tokens.append(req.generated[-1])
+            sampling.append((len(segments) - 1, req))
+        return segments, tokens, sampling
+
+    def _retire(self, hub: HubModel, comm: Communicator, finished: list[GenRequest]) -> None:
+        if not finished:
+            return
+        with self._cond:
+            for req in finished:
+                if req in self._active:
+                    self._active.remove(req)
+        hub.free(comm, [r.seq_id for r in finished])
+        for req in finished:
+            req.emit(None, None)

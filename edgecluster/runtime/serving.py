@@ -1,0 +1,359 @@
+"""The serving cluster: plan, distribute shards, open a session, generate.
+
+Implements the API's GenerationBackend. A supervisor thread keeps a session over
+the alive agents: it waits for `min_agents`, plans the split, makes sure every agent
+holds its shard, opens the data links and hands the session to the scheduler. When
+an agent is lost, the requests in flight fail with a 503 naming it and the
+supervisor re-plans over the agents that remain; new agents are taken in when idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from edgecluster.api.backend import BackendUnavailable, SamplingParams
+from edgecluster.comm.communicator import Communicator, SessionConfig
+from edgecluster.config import CoordinatorConfig
+from edgecluster.engine.hub import HubModel
+from edgecluster.errors import EdgeClusterError, PeerLostError
+from edgecluster.net.datachannel import DataListener
+from edgecluster.net.grpc_util import open_channel
+from edgecluster.net.pb import edgecluster_pb2 as pb
+from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
+from edgecluster.plan.tensor_parallel import (
+    AgentCapacity,
+    AgentPlacement,
+    TensorParallelPlan,
+    plan_tensor_parallel,
+)
+from edgecluster.runtime.agent import reachable_host
+from edgecluster.runtime.membership import Membership
+from edgecluster.runtime.scheduler import GenRequest, Scheduler
+from edgecluster.runtime.shard_distribution import ShardTransferError, distribute, shard_key
+from edgecluster.runtime.tokenizer import ChatTokenizer
+from edgecluster.types import MemberInfo
+from edgecluster.weights.checkpoint import Checkpoint
+from edgecluster.weights.models import model_fingerprint
+from edgecluster.weights.slicing import hub_tensors
+
+log = logging.getLogger(__name__)
+
+AGENT_RUNTIME_BYTES = 400 << 20  # python + torch + grpc in an agent, measured ~350 MiB
+READY_WAIT_S = 60.0
+
+
+def capacity_bucket(gflops: float) -> float:
+    """Measured speed rounded to half-octaves, so re-measuring rarely changes the plan."""
+    return 2 ** (round(2 * math.log2(max(gflops, 0.01))) / 2)
+
+
+@dataclass
+class _Session:
+    plan: TensorParallelPlan
+    members: dict[str, MemberInfo]
+    comm: Communicator
+    bytes_sent: dict[str, int]
+
+
+class ServingCluster:
+    def __init__(
+        self, config: CoordinatorConfig, membership: Membership, model_dir: Path, name: str
+    ) -> None:
+        self.config = config
+        self._membership = membership
+        self._name = name
+        self.checkpoint = Checkpoint(model_dir)
+        self.cfg = self.checkpoint.model_config
+        self.tokenizer = ChatTokenizer(model_dir)
+        self._dtype = getattr(torch, config.dtype)
+        self._storage_dtype = config.storage_dtype or config.dtype
+        self.hub = HubModel(
+            self.cfg, hub_tensors(self.checkpoint, self.cfg, self._dtype), self._dtype
+        )
+        self._model_id = model_fingerprint(model_dir)
+        self._listener = DataListener(config.host, config.data_port)
+        self.scheduler = Scheduler()
+        self.scheduler.on_lost = self._lost
+        self._state = "waiting for agents"
+        self._session: _Session | None = None
+        self._need_plan = threading.Event()
+        self._need_plan.set()
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        membership.subscribe(self._membership_event)
+        self._thread = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+        self._thread.start()
+
+    # ---- GenerationBackend ----
+    @property
+    def model_name(self) -> str:
+        return self._name
+
+    @property
+    def context_length(self) -> int:
+        return min(self.config.max_context, self.cfg.max_position_embeddings)
+
+    @property
+    def eos_token_ids(self) -> Sequence[int]:
+        return self.tokenizer.eos_token_ids
+
+    def state(self) -> str:
+        return "ready" if self._ready.is_set() else self._state
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.tokenizer.encode_chat(messages)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
+        loop = asyncio.get_running_loop()
+        if not self._ready.is_set():
+            ready = await loop.run_in_executor(None, self._ready.wait, READY_WAIT_S)
+            if not ready:
+                raise BackendUnavailable(f"the cluster is not ready: {self._state}")
+        queue: asyncio.Queue[tuple[int | None, Exception | None]] = asyncio.Queue()
+
+        def emit(token: int | None, error: Exception | None) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (token, error))
+
+        req = self.scheduler.submit(
+            GenRequest(
+                prompt_ids=list(prompt_ids),
+                params=params,
+                eos_ids=frozenset(self.eos_token_ids),
+                emit=emit,
+            )
+        )
+        try:
+            while True:
+                token, error = await queue.get()
+                if error is not None:
+                    raise error
+                if token is None:
+                    return
+                yield token
+        finally:
+            self.scheduler.cancel(req)
+
+    # ---- cluster view ----
+    def cluster_view(self) -> dict[str, Any]:
+        session = self._session
+        placements = {p.node_id: p for p in session.plan.placements} if session else {}
+        agents = []
+        for member in self._membership.snapshot():
+            entry: dict[str, Any] = member.to_json()
+            placement = placements.get(member.id)
+            entry["shard"] = _shard_json(placement) if placement else None
+            agents.append(entry)
+        return {
+            "model": self._name,
+            "state": self.state(),
+            "dtype": self.config.dtype,
+            "storage_dtype": self._storage_dtype,
+            "hub": {"weight_bytes": self.hub.weight_bytes},
+            "agents": agents,
+        }
+
+    # ---- supervision ----
+    def _membership_event(self, member: MemberInfo, event: str) -> None:
+        session = self._session
+        in_session = session is not None and member.id in session.members
+        if event in ("dead", "left") and in_session:
+            self._replan(f"agent {member.name} is {event}")
+        elif event == "joined" and not in_session:
+            self._need_plan.set()  # taken in by the supervisor once idle
+
+    def _lost(self, exc: EdgeClusterError) -> None:
+        session = self._session
+        if session is not None and isinstance(exc, PeerLostError):
+            for member in session.members.values():
+                if member.name == exc.peer:
+                    self._membership.mark_dead(member.id)
+        self._replan(str(exc))
+
+    def _replan(self, reason: str) -> None:
+        log.warning("re-planning: %s", reason)
+        self._ready.clear()
+        self._state = f"re-planning ({reason})"
+        comm = self.scheduler.detach(f"{reason}; the coordinator is re-planning, retry shortly")
+        if comm is not None:
+            comm.close()
+        self._session = None
+        self._need_plan.set()
+
+    def _supervise(self) -> None:
+        while not self._stop.is_set():
+            self._need_plan.wait(0.5)
+            if self._stop.is_set() or not self._need_plan.is_set():
+                continue
+            if self._session is not None and self.scheduler.busy:
+                continue  # take new agents in once idle
+            self._need_plan.clear()
+            try:
+                self._establish()
+            except (EdgeClusterError, ShardTransferError, grpc.RpcError) as exc:
+                log.warning("could not establish a session: %s", exc)
+                self._state = f"cannot serve yet: {exc}"
+                self._need_plan.set()
+                self._membership.wait_for_change(2.0)
+
+    def _establish(self) -> None:
+        alive = self._membership.alive()
+        if len(alive) < self.config.min_agents:
+            self._state = f"waiting for agents ({len(alive)}/{self.config.min_agents} alive)"
+            self._need_plan.set()
+            self._membership.wait_for_change(1.0)
+            return
+        plan = self.plan(alive)
+        if self._session is not None and _same_plan(self._session.plan, plan):
+            return
+        old, self._session = self._session, None
+        self._ready.clear()
+        if old is not None:
+            old.comm.close()
+        self._session = self._open(plan, {m.id: m for m in alive})
+        self._state = "ready"
+        self._ready.set()
+        log.info("serving %s on %d agents", self._name, len(plan.placements))
+
+    def plan(self, alive: list[MemberInfo]) -> TensorParallelPlan:
+        self._state = "planning"
+        capacities = [
+            AgentCapacity(
+                node_id=m.id,
+                name=m.name,
+                matmul_gflops=capacity_bucket(m.profile.matmul_gflops),
+                memory_budget_bytes=m.profile.memory_budget_bytes,
+                runtime_bytes=AGENT_RUNTIME_BYTES,
+                disk_read_bytes_per_s=m.profile.disk_read_bytes_per_s,
+            )
+            for m in alive
+        ]
+        plan = plan_tensor_parallel(
+            capacities,
+            self.cfg,
+            storage_bytes_per_element=getattr(torch, self._storage_dtype).itemsize,
+            compute_bytes_per_element=self._dtype.itemsize,
+            max_context=self.context_length,
+        )
+        log.info("plan:\n%s", plan.describe())
+        return plan
+
+    def _open(self, plan: TensorParallelPlan, members: dict[str, MemberInfo]) -> _Session:
+        from tqdm import tqdm
+
+        used = {p.node_id: members[p.node_id] for p in plan.placements}
+        stubs = {nid: self._stub(m) for nid, m in used.items()}
+        keys = {
+            p.node_id: shard_key(self._model_id, p, self._storage_dtype) for p in plan.placements
+        }
+        self._state = "distributing shards"
+        total = sum(p.weight_bytes for p in plan.placements)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="distributing shards") as bar:
+            sent = distribute(
+                stubs, self.checkpoint, self.cfg, plan.placements, keys,
+                self._storage_dtype, bar.update,
+            )  # fmt: skip
+        self._state = "loading"
+        comm = self._connect(plan, used, stubs, keys)
+        return _Session(plan=plan, members=used, comm=comm, bytes_sent=sent)
+
+    def _connect(
+        self,
+        plan: TensorParallelPlan,
+        members: dict[str, MemberInfo],
+        stubs: dict[str, pb_grpc.AgentStub],
+        keys: dict[str, str],
+    ) -> Communicator:
+        session_id, key = uuid.uuid4().hex, secrets.token_bytes(32)
+        order = [members[p.node_id] for p in plan.placements]
+        agent_endpoints = [f"{m.address.rpartition(':')[0]}:{m.data_port}" for m in order]
+        self._listener.expect(session_id, key, self.config.link_delay_ms)
+        for rank, placement in enumerate(plan.placements, start=1):
+            member = members[placement.node_id]
+            hub = f"{reachable_host(self.config.host, member.address)}:{self._listener.port}"
+            stubs[placement.node_id].OpenSession(
+                pb.SessionSpec(
+                    session_id=session_id,
+                    session_key=key,
+                    rank=rank,
+                    endpoints=[hub, *agent_endpoints],
+                    algorithm="star",
+                    shard_key=keys[placement.node_id],
+                    compute_dtype=self.config.dtype,
+                    window_blocks=placement.window_blocks,
+                    max_context=self.context_length,
+                    link_delay_ms=self.config.link_delay_ms,
+                ),
+                timeout=300,
+            )
+        config = SessionConfig(
+            session_id=session_id,
+            session_key=key,
+            rank=0,
+            endpoints=(f"{self.config.host}:{self._listener.port}", *agent_endpoints),
+            link_delay_ms=self.config.link_delay_ms,
+        )
+        comm = Communicator.connect(config, self._listener, ["hub", *[m.name for m in order]])
+        self.scheduler.attach(self.hub, comm)
+        return comm
+
+    def _stub(self, member: MemberInfo) -> pb_grpc.AgentStub:
+        channel = open_channel(member.address, self.config.token, self.config.tls)
+        return pb_grpc.AgentStub(channel)
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        return self._ready.wait(timeout_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._need_plan.set()
+        comm = self.scheduler.detach("the coordinator is shutting down")
+        self.scheduler.stop()
+        if comm is not None:
+            comm.close()
+        self._listener.close()
+        self._thread.join(timeout=5)
+
+
+def _same_plan(a: TensorParallelPlan, b: TensorParallelPlan) -> bool:
+    return a.placements == b.placements
+
+
+def _shard_json(p: AgentPlacement) -> dict[str, Any]:
+    s = p.spec
+    return {
+        "rank": p.rank,
+        "q_heads": [s.q_head_start, s.q_head_end],
+        "kv_heads": [s.kv_head_start, s.kv_head_end],
+        "mlp_columns": [s.mlp_col_start, s.mlp_col_end],
+        "weight_bytes": p.weight_bytes,
+        "streaming": p.streaming,
+        "window_blocks": p.window_blocks,
+    }
+
+
+def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return bool(predicate())
