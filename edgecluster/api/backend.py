@@ -7,27 +7,11 @@ distributed engine implements `GenerationBackend`; tests use a fake.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
+from edgecluster.engine.sampling import SamplingParams
 
-@dataclass(frozen=True, kw_only=True)
-class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not 0.0 <= self.temperature <= 2.0:
-            raise ValueError(f"temperature must be between 0 and 2, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be 0 (off) or positive, got {self.top_k}")
+__all__ = ["BackendUnavailable", "ControlView", "GenerationBackend", "SamplingParams"]
 
 
 class BackendUnavailable(Exception):

@@ -14,7 +14,6 @@ import uuid
 from typing import Any
 
 import grpc
-from aiohttp import web
 
 from edgecluster.config import CoordinatorConfig
 from edgecluster.device.profile import effective_cpus
@@ -140,13 +139,11 @@ class CoordinatorNode:
 
 
 async def _serve_http(node: CoordinatorNode, stop: threading.Event) -> None:
-    from edgecluster.api.http import build_app
+    from edgecluster.api.http import build_app, start_api_server
 
     control = ControlPlane(node.membership)
-    runner = web.AppRunner(build_app(backend=node.serving, control=control), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, node.config.host, node.config.http_port)
-    await site.start()
+    app = build_app(backend=node.serving, control=control)
+    runner = await start_api_server(app, host=node.config.host, port=node.config.http_port)
     log.info("HTTP API on http://%s:%d", node.config.host, node.config.http_port)
     try:
         while not stop.is_set():
