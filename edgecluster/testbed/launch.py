@@ -1,0 +1,126 @@
+"""Start one compose service: inside its network namespace and its emulated device.
+
+The command runs as `python -m edgecluster.testbed.enter_namespace --netns <ns>
+--bind <hosts>:/etc/hosts [--bind <volume>:<target>] -- <program> args`, spawned
+into the service's cgroups before it executes anything, with its own session
+(so `down` can signal its whole process group) and its output in
+`<state-dir>/logs/<service>.log`.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from edgecluster.device import block
+from edgecluster.device.emulated import DeviceLimits, EmulatedDevice
+from edgecluster.testbed.compose import ComposeError, ComposeProject, Service
+from edgecluster.testbed.netns import hosts_path
+from edgecluster.testbed.processes import record, resolve_program, service_environment
+from edgecluster.testbed.state import ServiceRecord
+from edgecluster.testbed.topology import Endpoint
+
+logger = logging.getLogger(__name__)
+
+LINK_DELAY_ENV = "EDGE_LINK_DELAY_MS"
+
+
+def device_limits(service: Service) -> DeviceLimits:
+    """The service's cpus, mem_limit and first device_read_bps as emulated-device limits."""
+    device, rate = service.read_bps[0] if service.read_bps else (None, None)
+    if len(service.read_bps) > 1:
+        logger.warning("service %s: only the first device_read_bps entry is applied", service.name)
+    if device is not None:
+        try:
+            block.parse_device(device)
+        except ValueError:
+            logger.warning(
+                "service %s: blkio device %s is not here; throttling the disk that holds the "
+                "testbed state instead (set EDGE_BLKIO_DEVICE to pick one)",
+                service.name,
+                device,
+            )
+            device = None
+    return DeviceLimits(
+        memory_bytes=service.mem_limit_bytes,
+        cpus=service.cpus,
+        read_bytes_per_s=rate,
+        device=device,
+    )
+
+
+def link_environment(service: Service, compose: ComposeProject) -> dict[str, str]:
+    """EDGE_LINK_DELAY_MS from x-edgecluster.links; it must agree with one set by hand."""
+    link = compose.links.get(service.name)
+    if link is None or link.delay_ms is None:
+        return {}
+    given = service.environment.get(LINK_DELAY_ENV)
+    if given is not None and float(given) != link.delay_ms:
+        raise ComposeError(
+            f"service {service.name}: environment {LINK_DELAY_ENV}={given} disagrees with "
+            f"x-edgecluster.links delay_ms={link.delay_ms:g}; keep one of them"
+        )
+    return {LINK_DELAY_ENV: f"{link.delay_ms:g}"}
+
+
+def volume_binds(service: Service, volumes_dir: Path) -> list[tuple[Path, Path]]:
+    """(host source, target) per volume; named volumes live under `volumes_dir`."""
+    binds = []
+    for volume in service.volumes:
+        source = Path(volume.source) if volume.is_bind else volumes_dir / volume.source
+        if volume.is_bind and not source.exists():
+            raise ComposeError(f"service {service.name}: bind source {source} does not exist")
+        source.mkdir(parents=True, exist_ok=True)
+        binds.append((source, Path(volume.target)))
+    return binds
+
+
+def service_argv(service: Service, netns: str, binds: list[tuple[Path, Path]]) -> list[str]:
+    """The command line that enters the service's namespaces, then runs its command."""
+    command = [resolve_program(service.command[0]), *service.command[1:]]
+    binds = [(hosts_path(netns), Path("/etc/hosts")), *binds]
+    flags = [f"--bind={source}:{target}" for source, target in binds]
+    enter = [sys.executable, "-m", "edgecluster.testbed.enter_namespace", f"--netns={netns}"]
+    return [*enter, *flags, "--", *command]
+
+
+def start_service(
+    service: Service,
+    endpoint: Endpoint,
+    *,
+    argv: list[str],
+    extra_env: Mapping[str, str],
+    state_dir: Path,
+) -> ServiceRecord:
+    """Create the service's emulated device and start `argv` in it."""
+    device = EmulatedDevice(endpoint.netns, device_limits(service), io_path=state_dir).open()
+    log_path = state_dir / "logs" / f"{service.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        proc = device.popen(
+            argv,
+            env=service_environment(service, extra_env),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        process = record(proc.pid)
+    except ProcessLookupError:
+        logger.warning("service %s exited at once; see %s", service.name, log_path)
+        process = None
+    logger.info("started %s (pid %d) at %s", service.name, proc.pid, endpoint.address)
+    return ServiceRecord(
+        name=service.name,
+        netns=endpoint.netns,
+        veth=endpoint.veth,
+        address=endpoint.address,
+        cgroup=device.name,
+        log=str(log_path),
+        argv=tuple(argv),
+        process=process,
+    )
