@@ -18,6 +18,7 @@ from edgecluster.engine.step_protocol import OP_END, OP_FREE, OP_STEP, parse_hea
 log = logging.getLogger(__name__)
 
 
+@torch.inference_mode()
 def run_agent_session(comm: Communicator, executor: ShardExecutor) -> int:
     """Serves steps until the hub ends the session; returns the number of steps."""
     steps = 0
@@ -33,8 +34,9 @@ def run_agent_session(comm: Communicator, executor: ShardExecutor) -> int:
         assert op == OP_STEP
         h = comm.broadcast(None, src=0).to(executor.dtype)
         _check_step(h, payload, executor)
+        step = executor.begin_step(payload)
         for layer in range(layers):
-            h = comm.all_reduce(executor.attention(layer, h, payload))
+            h = comm.all_reduce(executor.attention(layer, h, step))
             partial = executor.mlp(layer, h)
             if layer < layers - 1:
                 h = comm.all_reduce(partial)

@@ -31,6 +31,7 @@ class HubModel:
         tensors = {id(t): t for t in (self.embed, self.final_norm, self.lm_head)}
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
+    @torch.inference_mode()
     def forward(
         self, comm: Communicator, token_ids: torch.Tensor, segments: list[tuple[int, int, int]]
     ) -> torch.Tensor:

@@ -9,6 +9,7 @@ The executor knows nothing about tokens, sampling or the network.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -30,9 +31,19 @@ class WeightSource(Protocol):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama RMSNorm: normalize in float32, scale in the weight's dtype."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)  # one fused op, same math
+    xf = F.rms_norm(x.float(), weight.shape, None, eps)
     return weight * xf.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What every layer of one step shares: its segments and their rotary tables."""
+
+    segments: list[tuple[int, int, int]]  # (seq_id, start_pos, num_tokens) in token order
+    cos: torch.Tensor  # [T, head_dim]
+    sin: torch.Tensor
 
 
 class ShardExecutor:
@@ -52,13 +63,15 @@ class ShardExecutor:
         # local KV head read by each local query head
         self._kv_index = q_heads // group - spec.kv_head_start
         self._uniform_gqa = spec.num_q_heads == spec.num_kv_heads * group
-        self._split = (
-            spec.num_q_heads * cfg.head_dim,
-            spec.num_kv_heads * cfg.head_dim,
-            spec.num_kv_heads * cfg.head_dim,
-        )
 
-    def attention(self, layer: int, h: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    def begin_step(self, segments: torch.Tensor) -> StepContext:
+        """Decodes the step's segments [n, 3] once for all its layers."""
+        rows = [(int(a), int(b), int(c)) for a, b, c in segments.tolist()]
+        positions = torch.cat([torch.arange(start, start + n) for _, start, n in rows])
+        cos, sin = self.rotary.lookup(positions)
+        return StepContext(rows, cos, sin)
+
+    def attention(self, layer: int, h: torch.Tensor, step: StepContext) -> torch.Tensor:
         """Partial attention output [T, H] of this agent's heads."""
         if self.spec.num_q_heads == 0:
             return torch.zeros_like(h)
@@ -66,20 +79,18 @@ class ShardExecutor:
         try:
             x = rms_norm(h, w["input_norm"], self.cfg.rms_norm_eps)
             qkv = F.linear(x, w["qkv_weight"], w.get("qkv_bias"))  # [T, (nq+2nkv)*hd]
-            out = self._attend(layer, qkv, segments)  # [T, nq*hd]
+            out = self._attend(layer, qkv, step)  # [T, nq*hd]
             return F.linear(out, w["o_weight"], w.get("o_bias"))
         finally:
             self.weights.release(layer, ATTN)
 
-    def _attend(self, layer: int, qkv: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
-        hd, total = self.cfg.head_dim, qkv.shape[0]
-        q, k, v = qkv.split(self._split, dim=-1)
-        q, k, v = q.view(total, -1, hd), k.view(total, -1, hd), v.view(total, -1, hd)
-        positions = _positions(segments)
-        cos, sin = self.rotary.lookup(positions)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    def _attend(self, layer: int, qkv: torch.Tensor, step: StepContext) -> torch.Tensor:
+        total, nq, nkv = qkv.shape[0], self.spec.num_q_heads, self.spec.num_kv_heads
+        heads = qkv.view(total, nq + 2 * nkv, self.cfg.head_dim)
+        qk = apply_rotary(heads[:, : nq + nkv], step.cos, step.sin)  # q and k rotate together
+        q, k, v = qk[:, :nq], qk[:, nq:], heads[:, nq + nkv :]
         outputs, offset = [], 0
-        for seq_id, start, count in segments.tolist():
+        for seq_id, start, count in step.segments:
             sl = slice(offset, offset + count)
             keys, values = self.kv.update(
                 seq_id, layer, start, k[sl].transpose(0, 1), v[sl].transpose(0, 1)
@@ -115,8 +126,3 @@ class ShardExecutor:
             return F.linear(F.silu(gate) * up, w["down_weight"], w.get("down_bias"))
         finally:
             self.weights.release(layer, MLP)
-
-
-def _positions(segments: torch.Tensor) -> torch.Tensor:
-    """Token positions [T] of a packed step from its (seq_id, start, count) rows."""
-    return torch.cat([torch.arange(s, s + c) for _, s, c in segments.tolist()])
