@@ -104,6 +104,7 @@ def _print_when_ready(node: Any) -> None:
             "model": node.config.model,
             "messages": [{"role": "user", "content": "What is the capital of France?"}],
             "max_tokens": 32,
+            "temperature": 0,
         }
     )
     print(

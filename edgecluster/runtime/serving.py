@@ -70,7 +70,13 @@ class _Session:
 
 class ServingCluster:
     def __init__(
-        self, config: CoordinatorConfig, membership: Membership, model_dir: Path, name: str
+        self,
+        config: CoordinatorConfig,
+        membership: Membership,
+        model_dir: Path,
+        name: str,
+        *,
+        supervise: bool = True,
     ) -> None:
         self.config = config
         self._membership = membership
@@ -93,9 +99,10 @@ class ServingCluster:
         self._need_plan.set()
         self._ready = threading.Event()
         self._stop = threading.Event()
-        membership.subscribe(self._membership_event)
         self._thread = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
-        self._thread.start()
+        if supervise:
+            membership.subscribe(self._membership_event)
+            self._thread.start()
 
     # ---- GenerationBackend ----
     @property
@@ -224,16 +231,25 @@ class ServingCluster:
         plan = self.plan(alive)
         if self._session is not None and _same_plan(self._session.plan, plan):
             return
+        self.open_session(plan, alive)
+        log.info("serving %s on %d agents", self._name, len(plan.placements))
+
+    def open_session(self, plan: TensorParallelPlan, members: list[MemberInfo]) -> Communicator:
+        """Replaces the session with one following `plan`; returns its communicator."""
         old, self._session = self._session, None
         self._ready.clear()
         if old is not None:
+            self.scheduler.detach("the coordinator is re-planning")
             old.comm.close()
-        self._session = self._open(plan, {m.id: m for m in alive})
+        self._session = self._open(plan, {m.id: m for m in members})
         self._state = "ready"
         self._ready.set()
-        log.info("serving %s on %d agents", self._name, len(plan.placements))
+        return self._session.comm
 
-    def plan(self, alive: list[MemberInfo]) -> TensorParallelPlan:
+    def plan(
+        self, alive: list[MemberInfo], weights: Sequence[float] | None = None
+    ) -> TensorParallelPlan:
+        """The split over `alive` (by measured capacity, or by `weights` when given)."""
         self._state = "planning"
         capacities = [
             AgentCapacity(
@@ -252,6 +268,7 @@ class ServingCluster:
             storage_bytes_per_element=getattr(torch, self._storage_dtype).itemsize,
             compute_bytes_per_element=self._dtype.itemsize,
             max_context=self.context_length,
+            weights=weights,
         )
         log.info("plan:\n%s", plan.describe())
         return plan
@@ -330,7 +347,8 @@ class ServingCluster:
         if comm is not None:
             comm.close()
         self._listener.close()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
 
 def _same_plan(a: TensorParallelPlan, b: TensorParallelPlan) -> bool:

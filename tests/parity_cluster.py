@@ -1,0 +1,111 @@
+"""A real cluster for parity tests: an in-process coordinator, agent processes on loopback.
+
+The coordinator runs in the test process (so tests choose the plan: node counts and
+deliberately uneven capacities); the agents are real `edge-agent` processes that
+receive their shards and follow the hub's steps over the data channel.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from edgecluster.config import CoordinatorConfig
+from edgecluster.engine.hub import HubModel
+from edgecluster.runtime.coordinator import CoordinatorNode
+from edgecluster.runtime.serving import ServingCluster
+from edgecluster.types import MemberInfo
+
+TOKEN = "parity-token"
+
+
+class ParityCluster:
+    def __init__(self, root: Path, num_agents: int) -> None:
+        self.root = root
+        self.node = CoordinatorNode(
+            CoordinatorConfig(
+                token=TOKEN, grpc_port=0, http_port=0, mdns=False, cache_dir=root / "cache"
+            )
+        )
+        env = {**os.environ, "EDGE_TOKEN": TOKEN, "EDGE_CACHE_DIR": str(root / "cache")}
+        self.procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "agents.cli",
+                    "join",
+                    self.node.grpc_address,
+                    "--name",
+                    f"parity-{i}",
+                    "--no-mdns",
+                    "--threads",
+                    "1",
+                    "--data-dir",
+                    str(root / f"agent-{i}"),
+                    "--log-level",
+                    "WARNING",
+                ],
+                env=env,
+            )  # fmt: skip
+            for i in range(num_agents)
+        ]
+        deadline = time.monotonic() + 60
+        while len(self.members()) < num_agents:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(self.members())}/{num_agents} agents joined")
+            time.sleep(0.1)
+
+    def members(self) -> list[MemberInfo]:
+        return sorted(self.node.membership.alive(), key=lambda m: m.name)
+
+    def serving(self, model_dir: Path) -> ServingCluster:
+        config = CoordinatorConfig(
+            token=TOKEN, grpc_port=0, http_port=0, mdns=False, cache_dir=self.root / "cache"
+        )
+        return ServingCluster(
+            config, self.node.membership, model_dir, model_dir.name, supervise=False
+        )
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.node.stop()
+
+
+def greedy(
+    cluster: ServingCluster,
+    members: Sequence[MemberInfo],
+    weights: Sequence[float],
+    prompt: list[int],
+    new_tokens: int,
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and per-step logits [V] from the distributed model."""
+    plan = cluster.plan(list(members), weights=weights)
+    comm = cluster.open_session(plan, list(members))
+    hub: HubModel = cluster.hub
+    tokens, logits = [], []
+    step_ids, start = list(prompt), 0
+    lock = threading.Lock()  # the scheduler is idle: we drive the hub directly
+    with lock:
+        for _ in range(new_tokens):
+            out = hub.forward(comm, torch.tensor(step_ids), [(1, start, len(step_ids))])
+            start += len(step_ids)
+            token = int(out[0].argmax())
+            tokens.append(token)
+            logits.append(out[0])
+            step_ids = [token]
+        hub.free(comm, [1])
+    return tokens, logits
