@@ -1,6 +1,7 @@
 """edgecluster: pool everyday devices into one AI cluster.
 
-Layers (imports point down only): api -> plan -> engine -> comm -> net -> weights -> types/config/errors.
+Layers, imports pointing down only:
+api -> plan -> engine -> comm -> net -> weights -> types, config, errors.
 """
 
 PROTOCOL_VERSION = 1

@@ -20,6 +20,7 @@ class DeviceProfile:
     matmul_gflops: float
     accelerator: str = "none"
     memory_limit_bytes: int = 0  # 0: no promise made
+    runtime_rss_bytes: int = 0  # resident memory of the agent before any weights
 
     @property
     def memory_budget_bytes(self) -> int:
@@ -27,6 +28,20 @@ class DeviceProfile:
         if self.memory_limit_bytes:
             return min(self.memory_limit_bytes, self.memory_available_bytes)
         return self.memory_available_bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentRuntime:
+    """What an agent reports with each heartbeat about its serving session."""
+
+    session_id: str = ""
+    streaming: bool = False
+    window_blocks: int = 0
+    read_bytes_per_s: float = 0.0
+    weight_bytes: int = 0
+    resident_weight_bytes: int = 0
+    rss_bytes: int = 0
+    peak_rss_bytes: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +55,7 @@ class MemberInfo:
     state: str  # alive | dead | left
     profile: DeviceProfile
     last_seen_s_ago: float = 0.0
+    runtime: AgentRuntime = field(default_factory=AgentRuntime)
 
     def to_json(self) -> dict[str, object]:
         p = self.profile
@@ -57,6 +73,8 @@ class MemberInfo:
             "matmul_gflops": p.matmul_gflops,
             "accelerator": p.accelerator,
             "last_seen_s_ago": round(self.last_seen_s_ago, 3),
+            "rss_bytes": self.runtime.rss_bytes,
+            "peak_rss_bytes": self.runtime.peak_rss_bytes,
         }
 
 

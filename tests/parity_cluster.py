@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -27,7 +27,14 @@ TOKEN = "parity-token"
 
 
 class ParityCluster:
-    def __init__(self, root: Path, num_agents: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        num_agents: int,
+        *,
+        launcher: Callable[..., subprocess.Popen] = subprocess.Popen,
+        agent_args: Sequence[str] = (),
+    ) -> None:
         self.root = root
         self.node = CoordinatorNode(
             CoordinatorConfig(
@@ -36,7 +43,7 @@ class ParityCluster:
         )
         env = {**os.environ, "EDGE_TOKEN": TOKEN, "EDGE_CACHE_DIR": str(root / "cache")}
         self.procs = [
-            subprocess.Popen(
+            launcher(
                 [
                     sys.executable,
                     "-m",
@@ -52,9 +59,10 @@ class ParityCluster:
                     str(root / f"agent-{i}"),
                     "--log-level",
                     "WARNING",
+                    *agent_args,
                 ],
                 env=env,
-            )  # fmt: skip
+            )
             for i in range(num_agents)
         ]
         deadline = time.monotonic() + 60
@@ -66,9 +74,14 @@ class ParityCluster:
     def members(self) -> list[MemberInfo]:
         return sorted(self.node.membership.alive(), key=lambda m: m.name)
 
-    def serving(self, model_dir: Path) -> ServingCluster:
+    def serving(self, model_dir: Path, max_context: int = 2048) -> ServingCluster:
         config = CoordinatorConfig(
-            token=TOKEN, grpc_port=0, http_port=0, mdns=False, cache_dir=self.root / "cache"
+            token=TOKEN,
+            grpc_port=0,
+            http_port=0,
+            mdns=False,
+            cache_dir=self.root / "cache",
+            max_context=max_context,
         )
         return ServingCluster(
             config, self.node.membership, model_dir, model_dir.name, supervise=False

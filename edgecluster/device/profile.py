@@ -123,6 +123,7 @@ def profile_device(data_dir: Path, memory_limit_bytes: int = 0) -> DeviceProfile
         matmul_gflops=measure_matmul_gflops(),
         accelerator=detect_accelerator(),
         memory_limit_bytes=memory_limit_bytes,
+        runtime_rss_bytes=psutil.Process().memory_info().rss,
     )
     log.info("profiled device in %.2f s: %s", time.perf_counter() - start, profile)
     return profile

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from edgecluster.net.pb import edgecluster_pb2 as pb
-from edgecluster.types import DeviceProfile, MemberInfo, NodeId, ShardSpec
+from edgecluster.types import AgentRuntime, DeviceProfile, MemberInfo, NodeId, ShardSpec
 
 
 def profile_to_pb(p: DeviceProfile) -> pb.DeviceProfile:
@@ -16,6 +16,7 @@ def profile_to_pb(p: DeviceProfile) -> pb.DeviceProfile:
         matmul_gflops=p.matmul_gflops,
         accelerator=p.accelerator,
         memory_limit_bytes=p.memory_limit_bytes,
+        runtime_rss_bytes=p.runtime_rss_bytes,
     )
 
 
@@ -31,6 +32,34 @@ def profile_from_pb(m: pb.DeviceProfile) -> DeviceProfile:
         matmul_gflops=m.matmul_gflops,
         accelerator=m.accelerator or "none",
         memory_limit_bytes=m.memory_limit_bytes,
+        runtime_rss_bytes=m.runtime_rss_bytes,
+    )
+
+
+def runtime_to_pb(r: AgentRuntime, node_id: str) -> pb.AgentStatus:
+    return pb.AgentStatus(
+        node_id=node_id,
+        session_id=r.session_id,
+        streaming=r.streaming,
+        window_blocks=r.window_blocks,
+        read_bytes_per_s=r.read_bytes_per_s,
+        weight_bytes=r.weight_bytes,
+        resident_weight_bytes=r.resident_weight_bytes,
+        rss_bytes=r.rss_bytes,
+        peak_rss_bytes=r.peak_rss_bytes,
+    )
+
+
+def runtime_from_pb(m: pb.AgentStatus) -> AgentRuntime:
+    return AgentRuntime(
+        session_id=m.session_id,
+        streaming=m.streaming,
+        window_blocks=m.window_blocks,
+        read_bytes_per_s=m.read_bytes_per_s,
+        weight_bytes=m.weight_bytes,
+        resident_weight_bytes=m.resident_weight_bytes,
+        rss_bytes=m.rss_bytes,
+        peak_rss_bytes=m.peak_rss_bytes,
     )
 
 

@@ -19,16 +19,17 @@ import torch
 
 from edgecluster import PROTOCOL_VERSION
 from edgecluster.config import AgentConfig
+from edgecluster.device.allocator import tame_allocator
 from edgecluster.device.profile import default_threads, profile_device
 from edgecluster.errors import AuthenticationError, ProtocolMismatchError
-from edgecluster.net.convert import profile_to_pb
+from edgecluster.net.convert import profile_to_pb, runtime_to_pb
 from edgecluster.net.datachannel import DataListener
 from edgecluster.net.discovery import Announcement, Discovery
 from edgecluster.net.grpc_util import open_channel, start_server
 from edgecluster.net.pb import edgecluster_pb2 as pb
 from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
 from edgecluster.runtime.agent_service import AgentService
-from edgecluster.runtime.agent_session import AgentSessions
+from edgecluster.runtime.agent_session import AgentSessions, MemoryPolicy
 from edgecluster.types import DeviceProfile
 from edgecluster.weights.shard_store import ShardStore
 
@@ -59,13 +60,22 @@ def reachable_host(bind_host: str, coordinator: str) -> str:
 class AgentNode:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        tame_allocator()  # freed buffers go back to the kernel: --memory-limit is a promise
         torch.set_num_threads(config.threads or default_threads())
         self.node_id = load_node_id(config.data_dir)
         self.profile: DeviceProfile = profile_device(config.data_dir, config.memory_limit_bytes)
         self.store = ShardStore(config.data_dir)
         self.listener = DataListener(config.host, config.data_port)
         self.sessions = AgentSessions(
-            store=self.store, listener=self.listener, node_name=config.name
+            store=self.store,
+            listener=self.listener,
+            node_name=config.name,
+            memory=MemoryPolicy(
+                limit_bytes=config.memory_limit_bytes,
+                window_override=config.window_blocks,
+                read_bytes_per_s=self.profile.disk_read_bytes_per_s,
+                matmul_gflops=self.profile.matmul_gflops,
+            ),
         )
         self._coordinator: str | None = config.coordinator
         self._wake = threading.Event()
@@ -98,15 +108,7 @@ class AgentNode:
             self._invited(ann.address)
 
     def status(self) -> pb.AgentStatus:
-        proc = psutil.Process()
-        return pb.AgentStatus(
-            node_id=self.node_id,
-            session_id=self.sessions.session_id,
-            weight_bytes=self.sessions.weight_bytes,
-            resident_weight_bytes=self.sessions.weight_bytes,
-            rss_bytes=proc.memory_info().rss,
-            peak_rss_bytes=_peak_rss_bytes(),
-        )
+        return runtime_to_pb(self.sessions.runtime(), self.node_id)
 
     # ---- membership ----
     def _join(self, stub: pb_grpc.CoordinatorStub) -> float:
@@ -171,6 +173,7 @@ class AgentNode:
                     pb.HeartbeatRequest(
                         node_id=self.node_id,
                         memory_available_bytes=psutil.virtual_memory().available,
+                        status=self.status(),
                     ),
                     timeout=2,
                 )
@@ -209,16 +212,6 @@ def _raise_if_refused(exc: grpc.RpcError, address: str) -> None:
         )
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         raise ProtocolMismatchError(exc.details())  # type: ignore[attr-defined]
-
-
-def _peak_rss_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return psutil.Process().memory_info().rss
 
 
 def run_agent(config: AgentConfig, stop: threading.Event | None = None) -> int:

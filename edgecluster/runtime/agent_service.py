@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import torch
 
+from edgecluster.device.allocator import release_free_memory
 from edgecluster.errors import TensorMessageError
 from edgecluster.net.codec import TensorAssembler, TensorLimits
 from edgecluster.net.convert import spec_from_pb
@@ -81,6 +82,8 @@ class AgentService(pb_grpc.AgentServicer):
             except (TensorMessageError, ValueError) as exc:
                 log.warning("refused shard data: %s", exc)
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            finally:
+                release_free_memory()
         raise AssertionError("unreachable")
 
     def _receive_blocks(self, chunks: Iterator[pb.ShardChunk]) -> pb.PutShardReply:
@@ -89,17 +92,22 @@ class AgentService(pb_grpc.AgentServicer):
         received = stored = 0
         for msg in chunks:
             received += len(msg.chunk.data)
-            if msg.chunk.dtype:
+            if msg.HasField("chunk"):  # a chunk without dtype is refused, never skipped
                 tensor = assembler.add(msg.chunk)
                 if tensor is not None:
                     tensors[msg.chunk.name] = tensor
             if msg.block_end:
                 if assembler.in_progress:
-                    raise TensorMessageError(f"block {msg.block}: ended inside a tensor")
+                    raise TensorMessageError(
+                        f"block {msg.block} ended inside a tensor: {assembler.describe_pending()}"
+                    )
                 self._store.write_block(msg.shard_key, msg.block, tensors, msg.block_sha256)
                 tensors, stored = {}, stored + 1
-        if tensors or assembler.in_progress:
-            raise TensorMessageError("stream ended before its block was complete")
+        if assembler.in_progress:
+            pending = assembler.describe_pending()
+            raise TensorMessageError(f"stream ended inside a tensor: {pending}")
+        if tensors:
+            raise TensorMessageError("stream ended before its block was complete (no block_end)")
         return pb.PutShardReply(bytes_received=received, blocks_stored=stored)
 
     def OpenSession(self, request: pb.SessionSpec, context: grpc.ServicerContext) -> pb.AgentStatus:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import psutil
 import torch
 
 from edgecluster.comm.communicator import Communicator, SessionConfig
@@ -20,7 +23,10 @@ from edgecluster.errors import EdgeClusterError
 from edgecluster.model_config import ATTN, MLP, block_name
 from edgecluster.net.datachannel import DataListener
 from edgecluster.net.pb import edgecluster_pb2 as pb
+from edgecluster.plan.streaming import choose_window
+from edgecluster.types import AgentRuntime
 from edgecluster.weights.shard_store import ShardStore
+from edgecluster.weights.streaming_store import StreamingWeights
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +80,35 @@ class ResidentWeights:
         return sum(t.numel() * t.element_size() for b in self._blocks.values() for t in b.values())
 
 
+@dataclass(frozen=True, kw_only=True)
+class MemoryPolicy:
+    """How much of the agent's memory weights may take (0: no limit promised)."""
+
+    limit_bytes: int = 0
+    window_override: int = 0
+    read_bytes_per_s: float = 200e6
+    matmul_gflops: float = 10.0
+
+
 class AgentSessions:
-    def __init__(self, *, store: ShardStore, listener: DataListener, node_name: str) -> None:
+    def __init__(
+        self,
+        *,
+        store: ShardStore,
+        listener: DataListener,
+        node_name: str,
+        memory: MemoryPolicy | None = None,
+    ) -> None:
         self._store = store
         self._listener = listener
         self._node_name = node_name
+        self._memory = memory or MemoryPolicy()
         self._lock = threading.Lock()
         self._current: tuple[SessionRequest, Communicator | None, threading.Thread] | None = None
         self._comm: Communicator | None = None
         self.weights: WeightSource | None = None
         self.weight_bytes = 0
+        self.resident_weight_bytes = 0
 
     @property
     def session_id(self) -> str:
@@ -106,15 +131,56 @@ class AgentSessions:
             raise ValueError(f"shard {req.shard_key} is not on this agent; send it first")
         cfg, spec = meta.model_config, meta.spec
         dtype = _DTYPES[req.compute_dtype]
-        blocks = {}
-        for layer in range(cfg.num_layers):
-            for kind in (ATTN, MLP):
-                name = block_name(layer, kind)
-                blocks[(layer, kind)] = self._store.load_block(req.shard_key, name, dtype)
-        weights = ResidentWeights(blocks)
-        self.weights, self.weight_bytes = weights, weights.weight_bytes
-        log.info("loaded shard %s: %d blocks in memory", req.shard_key[:12], len(blocks))
+        order = [
+            ((layer, kind), self._store.block_path(req.shard_key, block_name(layer, kind)))
+            for layer in range(cfg.num_layers)
+            for kind in (ATTN, MLP)
+            if (spec.num_q_heads if kind == ATTN else spec.num_mlp_cols) > 0
+        ]
+        sizes = [path.stat().st_size for _, path in order]
+        self.weight_bytes = sum(sizes)
+        kv_bytes = 2 * cfg.num_layers * spec.num_kv_heads * cfg.head_dim * req.max_context
+        window = choose_agent_window(
+            self._memory,
+            sizes,
+            expand=dtype.itemsize / meta.storage_dtype.itemsize,
+            fixed_bytes=_rss_bytes() + kv_bytes * dtype.itemsize,
+            plan_hint=req.window_blocks,
+            agent=self._node_name,
+        )
+        weights: WeightSource
+        if window >= len(order):
+            blocks = {
+                key: self._store.load_block(req.shard_key, block_name(*key), dtype)
+                for key, _ in order
+            }
+            weights = ResidentWeights(blocks)
+            self.resident_weight_bytes = weights.weight_bytes
+            log.info("loaded shard %s: %d blocks in memory", req.shard_key[:12], len(blocks))
+        else:
+            stream = StreamingWeights(order, window, dtype)
+            weights, self.resident_weight_bytes = stream, stream.resident_bytes
+            log.info(
+                "shard %s streams from disk: window %d of %d blocks (%.0f MiB resident)",
+                req.shard_key[:12], window, len(order), stream.resident_bytes / 2**20,
+            )  # fmt: skip
+        self.weights = weights
         return ShardExecutor(cfg, spec, weights, dtype, req.max_context)
+
+    def runtime(self) -> AgentRuntime:
+        weights = self.weights
+        streaming = isinstance(weights, StreamingWeights)
+        rate = weights.stats().read_bytes_per_s if isinstance(weights, StreamingWeights) else 0.0
+        return AgentRuntime(
+            session_id=self.session_id,
+            streaming=streaming,
+            window_blocks=weights.window if isinstance(weights, StreamingWeights) else 0,
+            read_bytes_per_s=rate,
+            weight_bytes=self.weight_bytes,
+            resident_weight_bytes=self.resident_weight_bytes,
+            rss_bytes=_rss_bytes(),
+            peak_rss_bytes=peak_rss_bytes(),
+        )
 
     def _serve(self, req: SessionRequest, executor: ShardExecutor) -> None:
         sid = req.comm.session_id
@@ -148,4 +214,59 @@ class AgentSessions:
         if comm is not None:
             comm.close()
         current[2].join(timeout=5)
-        self.weights, self.weight_bytes = None, 0
+        if isinstance(self.weights, StreamingWeights):
+            self.weights.close()
+        self.weights, self.weight_bytes, self.resident_weight_bytes = None, 0, 0
+
+
+ACTIVATION_SLACK_BYTES = 64 << 20
+
+
+def choose_agent_window(
+    memory: MemoryPolicy,
+    sizes: Sequence[int],
+    *,
+    expand: float,
+    fixed_bytes: int,
+    plan_hint: int,
+    agent: str,
+) -> int:
+    """Blocks to keep resident: all of them when they fit, else a streaming window.
+
+    `sizes` are the block files' bytes, `expand` the compute/storage size ratio, and
+    `fixed_bytes` what the process holds anyway (runtime, KV cache).
+    """
+    if memory.window_override:
+        return memory.window_override
+    if not memory.limit_bytes:
+        return plan_hint or len(sizes)
+    room = memory.limit_bytes - fixed_bytes - ACTIVATION_SLACK_BYTES
+    if sum(sizes) * expand <= room:
+        return len(sizes)
+    converting = int(max(sizes) * expand) if expand != 1 else 0  # the block being used
+    per_block_s = max(sizes) * expand / 4 / (memory.matmul_gflops * 1e9 / 2)
+    choice = choose_window(
+        block_bytes=list(sizes),
+        room_bytes=room - converting,
+        read_bytes_per_s=memory.read_bytes_per_s,
+        compute_s_per_block=per_block_s,
+        allreduce_s=0.0,
+        agent=agent,
+    )
+    log.info("streaming window: %s", choice.reason)
+    return choice.window_blocks
+
+
+def _rss_bytes() -> int:
+    return int(psutil.Process().memory_info().rss)
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM: the most resident memory this process has held."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return _rss_bytes()

@@ -7,7 +7,7 @@ import logging
 import grpc
 
 from edgecluster import PROTOCOL_VERSION
-from edgecluster.net.convert import member_to_pb, profile_from_pb
+from edgecluster.net.convert import member_to_pb, profile_from_pb, runtime_from_pb
 from edgecluster.net.pb import edgecluster_pb2 as pb
 from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
 from edgecluster.runtime.membership import Membership
@@ -54,8 +54,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
     ) -> pb.HeartbeatReply:
+        runtime = runtime_from_pb(request.status) if request.HasField("status") else None
         known = self._membership.heartbeat(
-            NodeId(request.node_id), request.memory_available_bytes or None
+            NodeId(request.node_id), request.memory_available_bytes or None, runtime
         )
         return pb.HeartbeatReply(known=known)
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from edgecluster.types import MemberInfo, NodeId
+from edgecluster.types import AgentRuntime, MemberInfo, NodeId
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,12 @@ class Membership:
         log.info("agent %s (%s) joined from %s", member.name, member.id[:8], member.address)
         self._emit(member, "joined")
 
-    def heartbeat(self, node_id: NodeId, memory_available_bytes: int | None = None) -> bool:
+    def heartbeat(
+        self,
+        node_id: NodeId,
+        memory_available_bytes: int | None = None,
+        runtime: AgentRuntime | None = None,
+    ) -> bool:
         """False when the node is unknown or was declared gone (it must join again)."""
         with self._lock:
             member = self._members.get(node_id)
@@ -51,7 +56,10 @@ class Membership:
             self._seen[node_id] = self._clock()
             if memory_available_bytes:
                 profile = replace(member.profile, memory_available_bytes=memory_available_bytes)
-                self._members[node_id] = replace(member, profile=profile)
+                member = replace(member, profile=profile)
+            if runtime is not None:
+                member = replace(member, runtime=runtime)
+            self._members[node_id] = member
             return True
 
     def leave(self, node_id: NodeId) -> None:

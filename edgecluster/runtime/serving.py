@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import torch
 
 from edgecluster.api.backend import BackendUnavailable, SamplingParams
 from edgecluster.comm.communicator import Communicator, SessionConfig
 from edgecluster.config import CoordinatorConfig
 from edgecluster.engine.hub import HubModel
-from edgecluster.errors import EdgeClusterError, PeerLostError
+from edgecluster.errors import EdgeClusterError, PeerLostError, PlanError
 from edgecluster.net.datachannel import DataListener
 from edgecluster.net.grpc_util import open_channel
 from edgecluster.net.pb import edgecluster_pb2 as pb
@@ -89,6 +90,7 @@ class ServingCluster:
         self.hub = HubModel(
             self.cfg, hub_tensors(self.checkpoint, self.cfg, self._dtype), self._dtype
         )
+        check_hub_memory(config.memory_limit_bytes, self.hub.weight_bytes)
         self._model_id = model_fingerprint(model_dir)
         self._listener = DataListener(config.host, config.data_port)
         self.scheduler = Scheduler()
@@ -167,7 +169,7 @@ class ServingCluster:
         for member in self._membership.snapshot():
             entry: dict[str, Any] = member.to_json()
             placement = placements.get(member.id)
-            entry["shard"] = _shard_json(placement) if placement else None
+            entry["shard"] = _shard_json(placement, member) if placement else None
             agents.append(entry)
         return {
             "model": self._name,
@@ -257,7 +259,7 @@ class ServingCluster:
                 name=m.name,
                 matmul_gflops=capacity_bucket(m.profile.matmul_gflops),
                 memory_budget_bytes=m.profile.memory_budget_bytes,
-                runtime_bytes=AGENT_RUNTIME_BYTES,
+                runtime_bytes=m.profile.runtime_rss_bytes or AGENT_RUNTIME_BYTES,
                 disk_read_bytes_per_s=m.profile.disk_read_bytes_per_s,
             )
             for m in alive
@@ -351,20 +353,37 @@ class ServingCluster:
             self._thread.join(timeout=5)
 
 
+def check_hub_memory(limit_bytes: int, hub_weight_bytes: int) -> None:
+    """The coordinator's embedding and LM head count against its --memory-limit."""
+    if not limit_bytes:
+        return
+    rss = int(psutil.Process().memory_info().rss)
+    if rss > limit_bytes:
+        raise PlanError(
+            f"the coordinator holds the embedding, final norm and LM head "
+            f"({hub_weight_bytes / 2**20:.0f} MiB) and now uses {rss / 2**20:.0f} MiB, over "
+            f"its --memory-limit {limit_bytes / 2**20:.0f} MiB; raise the limit"
+        )
+
+
 def _same_plan(a: TensorParallelPlan, b: TensorParallelPlan) -> bool:
     return a.placements == b.placements
 
 
-def _shard_json(p: AgentPlacement) -> dict[str, Any]:
-    s = p.spec
+def _shard_json(p: AgentPlacement, member: MemberInfo) -> dict[str, Any]:
+    """The planned shard, with what the agent reports of it (it decides streaming)."""
+    s, rt = p.spec, member.runtime
+    reported = bool(rt.session_id)
     return {
         "rank": p.rank,
         "q_heads": [s.q_head_start, s.q_head_end],
         "kv_heads": [s.kv_head_start, s.kv_head_end],
         "mlp_columns": [s.mlp_col_start, s.mlp_col_end],
-        "weight_bytes": p.weight_bytes,
-        "streaming": p.streaming,
-        "window_blocks": p.window_blocks,
+        "weight_bytes": rt.weight_bytes if reported else p.weight_bytes,
+        "resident_weight_bytes": rt.resident_weight_bytes if reported else None,
+        "streaming": rt.streaming if reported else p.streaming,
+        "window_blocks": rt.window_blocks if reported else p.window_blocks,
+        "read_bytes_per_s": rt.read_bytes_per_s,
     }
 
 
