@@ -13,6 +13,10 @@ Two all-reduce algorithms:
   carrying 1/N of the payload; better for large payloads on bandwidth-bound links.
 
 Sums accumulate in float32 and are cast back once, so every rank gets the same bits.
+
+A lost peer fails the whole session, not one rank: the rank that notices tells every
+other peer which rank was lost and closes its links, so every rank raises
+PeerLostError naming the lost one instead of waiting for a frame that will not come.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from edgecluster.net.datachannel import DataListener, Link, dial
+from edgecluster.errors import PeerLostError
+from edgecluster.net.datachannel import DataListener, Link, dial, send_tensor_to
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,7 @@ class Communicator:
         self.world_size = config.world_size
         self._links = links
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="comm-send")
+        self._aborted = False
 
     @classmethod
     def connect(
@@ -98,48 +104,94 @@ class Communicator:
 
     # ---- point to point ----
     def send(self, tensor: torch.Tensor, dst: int) -> None:
-        self._links[dst].send_tensor(tensor)
+        try:
+            self._send(tensor, dst)
+        except PeerLostError as exc:
+            self._abort(exc)
+            raise
 
     def recv(self, src: int) -> torch.Tensor:
-        return self._links[src].recv_tensor()
+        try:
+            return self._recv(src)
+        except PeerLostError as exc:
+            self._abort(exc)
+            raise
 
     # ---- collectives ----
     def broadcast(self, tensor: torch.Tensor | None, src: int = 0) -> torch.Tensor:
         """Every rank gets `src`'s tensor (others pass None). Star-shaped."""
-        if self.rank == src:
+        try:
+            if self.rank != src:
+                return self._recv(src)
             assert tensor is not None, "the broadcast source must pass a tensor"
-            for peer in self._links:
-                self.send(tensor, peer)
+            send_tensor_to(list(self._links.values()), tensor)
             return tensor
-        return self.recv(src)
+        except PeerLostError as exc:
+            self._abort(exc)
+            raise
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum of every rank's `tensor`, returned on every rank (a new tensor)."""
         if self.world_size == 1:
             return tensor.clone()
-        if self.config.algorithm == "star":
-            return self._star_all_reduce(tensor)
-        return self._ring_all_reduce(tensor)
+        try:
+            if self.config.algorithm == "star":
+                return self._star_all_reduce(tensor)
+            return self._ring_all_reduce(tensor)
+        except PeerLostError as exc:
+            self._abort(exc)
+            raise
 
     def reduce(self, tensor: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
         """Sum at `dst` only (star); saves the return trip when others need no result."""
+        try:
+            return self._reduce(tensor, dst)
+        except PeerLostError as exc:
+            self._abort(exc)
+            raise
+
+    def _send(self, tensor: torch.Tensor, dst: int) -> None:
+        self._links[dst].send_tensor(tensor)
+
+    def _recv(self, src: int) -> torch.Tensor:
+        return self._links[src].recv_tensor()
+
+    def _recv_like(self, src: int, like: torch.Tensor) -> torch.Tensor:
+        """A peer's contribution to a reduction; must match ours in shape."""
+        incoming = self._recv(src)
+        if incoming.shape != like.shape:
+            raise ValueError(
+                f"rank {src} contributed shape {tuple(incoming.shape)} to a reduction of "
+                f"shape {tuple(like.shape)}; every rank must pass the same shape"
+            )
+        return incoming
+
+    def _reduce(self, tensor: torch.Tensor, dst: int) -> torch.Tensor | None:
         if self.rank != dst:
-            self.send(tensor, dst)
+            self._send(tensor, dst)
             return None
         total = tensor.to(torch.float32, copy=True)
         for peer in self._links:
-            total += self.recv(peer)
+            total += self._recv_like(peer, total)
         return total.to(tensor.dtype)
+
+    def _abort(self, lost: PeerLostError) -> None:
+        """Tells every other peer which rank was lost and closes the links (once)."""
+        if self._aborted:
+            return
+        self._aborted = True
+        log.warning("session %s ends: %s", self.config.session_id, lost)
+        for link in self._links.values():
+            link.report_lost(lost)
 
     def _star_all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         hub = 0
         if self.rank != hub:
-            self.send(tensor, hub)
-            return self.recv(hub)
-        reduced = self.reduce(tensor, hub)
+            self._send(tensor, hub)
+            return self._recv_like(hub, tensor)
+        reduced = self._reduce(tensor, hub)
         assert reduced is not None
-        for peer in self._links:
-            self.send(reduced, peer)
+        send_tensor_to(list(self._links.values()), reduced)
         return reduced
 
     def _ring_all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -148,20 +200,21 @@ class Communicator:
         chunks = list(torch.tensor_split(work, n))
         nxt, prv = (rank + 1) % n, (rank - 1) % n
         for step in range(n - 1):  # reduce-scatter: chunk (rank-step) flows forward
-            incoming = self._exchange(chunks[(rank - step) % n], nxt, prv)
-            chunks[(rank - step - 1) % n] += incoming
+            target = chunks[(rank - step - 1) % n]
+            target += self._exchange(chunks[(rank - step) % n], nxt, prv, target)
         for step in range(n - 1):  # all-gather: the reduced chunk (rank+1-step) flows on
-            incoming = self._exchange(chunks[(rank + 1 - step) % n], nxt, prv)
-            chunks[(rank - step) % n].copy_(incoming)
+            target = chunks[(rank - step) % n]
+            target.copy_(self._exchange(chunks[(rank + 1 - step) % n], nxt, prv, target))
         return work.reshape(tensor.shape).to(tensor.dtype)
 
-    def _exchange(self, out: torch.Tensor, dst: int, src: int) -> torch.Tensor:
-        """Sends `out` to dst while receiving from src (a thread for large payloads)."""
+    def _exchange(self, out: torch.Tensor, dst: int, src: int, like: torch.Tensor) -> torch.Tensor:
+        """Sends `out` to dst while receiving a `like`-shaped tensor from src (a thread
+        sends large payloads)."""
         if out.numel() * out.element_size() < _ASYNC_SEND_BYTES:
-            self.send(out, dst)
-            return self.recv(src)
-        pending = self._sender.submit(self.send, out, dst)
-        incoming = self.recv(src)
+            self._send(out, dst)
+            return self._recv_like(src, like)
+        pending = self._sender.submit(self._send, out, dst)
+        incoming = self._recv_like(src, like)
         pending.result()
         return incoming
 

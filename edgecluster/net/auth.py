@@ -18,7 +18,10 @@ _HEADER = "authorization"
 
 
 def generate_token() -> str:
-    return secrets.token_urlsafe(24)
+    """A random URL-safe token that never starts with '-' (it would read as a flag)."""
+    while (token := secrets.token_urlsafe(24)).startswith("-"):
+        pass
+    return token
 
 
 def tokens_match(given: str, expected: str) -> bool:

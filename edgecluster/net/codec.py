@@ -95,14 +95,15 @@ def check_header(chunk: pb.TensorChunk, limits: TensorLimits) -> tuple[torch.dty
         raise TensorMessageError(
             f"{label}: {nbytes} bytes exceeds the size limit {limits.max_tensor_bytes}"
         )
-    if len(chunk.data) > limits.max_chunk_bytes:
+    size = len(chunk.data)  # each read of a bytes field copies it: read it once
+    if size > limits.max_chunk_bytes:
         raise TensorMessageError(
-            f"{label}: a chunk of {len(chunk.data)} bytes exceeds the chunk limit "
+            f"{label}: a chunk of {size} bytes exceeds the chunk limit "
             f"{limits.max_chunk_bytes}; split the payload into chunks"
         )
-    if chunk.offset < 0 or chunk.offset + len(chunk.data) > nbytes:
+    if chunk.offset < 0 or chunk.offset + size > nbytes:
         raise TensorMessageError(
-            f"{label}: bytes [{chunk.offset}, {chunk.offset + len(chunk.data)}) fall outside "
+            f"{label}: bytes [{chunk.offset}, {chunk.offset + size}) fall outside "
             f"the {nbytes} bytes that {chunk.dtype} {shape} holds"
         )
     return dtype, nbytes
@@ -111,12 +112,13 @@ def check_header(chunk: pb.TensorChunk, limits: TensorLimits) -> tuple[torch.dty
 def decode_single(chunk: pb.TensorChunk, limits: TensorLimits = DEFAULT_LIMITS) -> torch.Tensor:
     """A tensor carried whole by one chunk."""
     dtype, nbytes = check_header(chunk, limits)
-    if chunk.offset != 0 or len(chunk.data) != nbytes:
+    data = chunk.data
+    if chunk.offset != 0 or len(data) != nbytes:
         raise TensorMessageError(
             f"tensor {chunk.name!r}: {chunk.dtype} {list(chunk.shape)} needs {nbytes} bytes "
-            f"but the message carries {len(chunk.data)} at offset {chunk.offset}"
+            f"but the message carries {len(data)} at offset {chunk.offset}"
         )
-    return _from_bytes(chunk.data, dtype, list(chunk.shape))
+    return _from_bytes(data, dtype, list(chunk.shape))
 
 
 def _from_bytes(data: bytes | bytearray, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
@@ -138,12 +140,13 @@ class TensorAssembler:
     def add(self, chunk: pb.TensorChunk) -> torch.Tensor | None:
         """Takes the next chunk; returns the tensor once its last byte arrived."""
         dtype, nbytes = check_header(chunk, self._limits)
+        data = chunk.data  # a copy per read: read once
         header = (chunk.name, chunk.dtype, tuple(chunk.shape))
         if self._header is None:
             if chunk.offset != 0:
                 raise TensorMessageError(f"tensor {chunk.name!r}: first chunk at {chunk.offset}")
-            if len(chunk.data) == nbytes:
-                return _from_bytes(chunk.data, dtype, list(chunk.shape))
+            if len(data) == nbytes:
+                return _from_bytes(data, dtype, list(chunk.shape))
             self._header, self._dtype = header, dtype
             self._buffer = bytearray(nbytes)
         elif header != self._header:
@@ -156,8 +159,8 @@ class TensorAssembler:
                 f"tensor {chunk.name!r}: chunk at byte {chunk.offset}, expected {self._received}"
             )
         assert self._buffer is not None
-        end = chunk.offset + len(chunk.data)
-        self._buffer[chunk.offset : end] = chunk.data
+        end = chunk.offset + len(data)
+        self._buffer[chunk.offset : end] = data
         self._received = end
         if end < len(self._buffer):
             return None
@@ -168,3 +171,13 @@ class TensorAssembler:
     @property
     def in_progress(self) -> bool:
         return self._header is not None
+
+    def describe_pending(self) -> str:
+        """The unfinished tensor and how many of its bytes arrived, for error messages."""
+        if self._header is None or self._buffer is None:
+            return "no tensor in progress"
+        name, dtype, shape = self._header
+        return (
+            f"tensor {name!r} {dtype} {list(shape)} has {self._received} of its "
+            f"{len(self._buffer)} bytes"
+        )

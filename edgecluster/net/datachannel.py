@@ -7,7 +7,8 @@ key with an HMAC challenge-response in both directions before any tensor moves.
 
 Frames: 4-byte little-endian length, then a serialized `Frame`. A frame over the
 limit, a bad tensor chunk or a failed proof ends that link with an ERROR frame;
-the listener keeps serving others.
+the listener keeps serving others. A rank that loses a peer tells the rest with an
+ERROR frame naming the lost rank (`Link.report_lost`), so nobody waits forever.
 
 An optional per-link delay (`link_delay_ms`, default from EDGE_LINK_DELAY_MS)
 emulates a slow link: the receiver holds each frame until `sent_at + delay`, so the
@@ -24,7 +25,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 import torch
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 _LEN = struct.Struct("<I")
 MAX_FRAME_BYTES = CHUNK_BYTES + (64 << 10)
 HANDSHAKE_TIMEOUT_S = 10.0
+REPORT_TIMEOUT_S = 1.0
+_LOST_PREFIX = "PEER_LOST "  # ERROR frame: "PEER_LOST <name>\n<detail>", a lost rank
 
 
 def default_link_delay_ms() -> float:
@@ -80,25 +83,24 @@ class Link:
 
     # -- frames --
     def send_frame(self, frame: pb.Frame) -> None:
-        frame.sent_at_ns = time.monotonic_ns()
-        body = frame.SerializeToString()
+        self.send_packet(_packet(frame))
+
+    def send_packet(self, packet: bytes) -> None:
+        """Sends one length-prefixed frame made by `_packet` (shared by a fan-out)."""
         try:
             with self._send_lock:
-                self.sock.sendall(_LEN.pack(len(body)) + body)
+                self.sock.sendall(packet)
         except OSError as exc:
             raise PeerLostError(self.peer, f"send failed ({exc})") from exc
 
     def recv_frame(self) -> pb.Frame:
-        try:
-            head = self._rfile.read(4)
-            if len(head) < 4:
-                raise PeerLostError(self.peer, "connection closed")
-            (size,) = _LEN.unpack(head)
-            if size > MAX_FRAME_BYTES:
-                self._refuse(f"frame of {size} bytes exceeds the limit {MAX_FRAME_BYTES}")
-            body = self._rfile.read(size)
-        except (OSError, ValueError) as exc:
-            raise PeerLostError(self.peer, f"receive failed ({exc})") from exc
+        head = self._read(4)
+        if len(head) < 4:
+            raise PeerLostError(self.peer, "connection closed")
+        (size,) = _LEN.unpack(head)
+        if size > MAX_FRAME_BYTES:  # refused outside _read: its TensorMessageError must surface
+            self._refuse(f"frame of {size} bytes exceeds the limit {MAX_FRAME_BYTES}")
+        body = self._read(size)
         if len(body) < size:
             raise PeerLostError(self.peer, "connection closed mid-frame")
         frame = pb.Frame()
@@ -107,12 +109,18 @@ class Link:
         except Exception as exc:  # protobuf raises DecodeError, a plain Exception subclass
             self._refuse(f"undecodable frame ({exc})")
         if frame.kind == pb.Frame.ERROR:
-            raise PeerLostError(self.peer, f"peer reported: {frame.message}")
+            raise _reported_error(self.peer, frame.message)
         if self._delay_ns:
             wait_ns = frame.sent_at_ns + self._delay_ns - time.monotonic_ns()
             if wait_ns > 0:
                 time.sleep(wait_ns / 1e9)
         return frame
+
+    def _read(self, size: int) -> bytes:
+        try:
+            return self._rfile.read(size)
+        except (OSError, ValueError) as exc:  # ValueError: read on a closed file
+            raise PeerLostError(self.peer, f"receive failed ({exc})") from exc
 
     def _refuse(self, message: str) -> NoReturn:
         """Tells the peer what was wrong (INVALID_ARGUMENT), closes, raises."""
@@ -123,8 +131,7 @@ class Link:
 
     # -- tensors --
     def send_tensor(self, t: torch.Tensor) -> None:
-        for chunk in encode_chunks(t):
-            self.send_frame(pb.Frame(kind=pb.Frame.TENSOR, chunk=chunk))
+        send_tensor_to([self], t)
 
     def recv_tensor(self) -> torch.Tensor:
         assembler = TensorAssembler(self._limits)
@@ -141,6 +148,24 @@ class Link:
             if tensor is not None:
                 return tensor
 
+    def report_lost(self, lost: PeerLostError) -> None:
+        """Best effort: tells this peer which rank was lost, then closes the link.
+
+        Never waits on a sender thread or on a full socket for long: the point is that
+        no rank is left waiting for a frame that will not come.
+        """
+        if self._send_lock.acquire(blocking=False):
+            detail = str(lost).removeprefix(f"lost agent {lost.peer}: ")
+            frame = pb.Frame(kind=pb.Frame.ERROR, message=f"{_LOST_PREFIX}{lost.peer}\n{detail}")
+            try:
+                self.sock.settimeout(REPORT_TIMEOUT_S)
+                self.sock.sendall(_packet(frame))
+            except OSError:
+                pass  # that peer is gone too; closing is all that is left
+            finally:
+                self._send_lock.release()
+        self.close()
+
     def settimeout(self, seconds: float | None) -> None:
         self.sock.settimeout(seconds)
 
@@ -148,6 +173,35 @@ class Link:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+
+
+def _packet(frame: pb.Frame) -> bytes:
+    """`frame`, stamped with the send time, serialized and length-prefixed."""
+    frame.sent_at_ns = time.monotonic_ns()
+    body = frame.SerializeToString()
+    return _LEN.pack(len(body)) + body
+
+
+def send_tensor_to(links: Sequence[Link], t: torch.Tensor) -> None:
+    """Sends `t` on every link in turn. A tensor that fits one frame is encoded once
+    for all of them (the hub's fan-out); larger ones stream chunk by chunk per link."""
+    if t.numel() * t.element_size() <= CHUNK_BYTES:
+        (chunk,) = encode_chunks(t)
+        packet = _packet(pb.Frame(kind=pb.Frame.TENSOR, chunk=chunk))
+        for link in links:
+            link.send_packet(packet)
+        return
+    for link in links:
+        for chunk in encode_chunks(t):
+            link.send_frame(pb.Frame(kind=pb.Frame.TENSOR, chunk=chunk))
+
+
+def _reported_error(via: str, message: str) -> PeerLostError:
+    """The error an ERROR frame stands for: a lost rank's name travels as its own."""
+    if message.startswith(_LOST_PREFIX):
+        lost, _, detail = message.removeprefix(_LOST_PREFIX).partition("\n")
+        return PeerLostError(lost, f"{detail} (reported by {via})")
+    return PeerLostError(via, f"peer reported: {message}")
 
 
 # ---------------------------------------------------------------- handshake

@@ -1,0 +1,137 @@
+"""Collectives across real processes on 127.0.0.1, checked against a local sum.
+
+One pool of six rank processes serves every case: a session of N nodes runs on the
+pool's first N workers, opened once and kept for all its cases. Timing is asserted
+only as the lower bound the injected link delay guarantees, never as a speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from edgecluster.net.codec import CHUNK_BYTES
+from tests.comm_worker import RankPool
+
+NODE_COUNTS = (2, 3, 4, 5, 6)
+ALGORITHMS = ("star", "ring")
+HALF_AND_FULL = ("float32", "bfloat16", "float16")
+SHAPES = ((1,), (7,), (7, 143), (256, 1024))  # one element, odd sizes, 1 MiB of fp32
+BIG_SHAPE = (16, 1 << 20)  # 64 MiB of fp32
+
+
+class Sessions:
+    """Sessions of the shared pool, opened on first use and kept."""
+
+    def __init__(self, pool: RankPool) -> None:
+        self.pool = pool
+        self._open: dict[tuple[int, str, float], str] = {}
+
+    def get(self, num_nodes: int, algorithm: str = "star", delay_ms: float = 0.0) -> str:
+        key = (num_nodes, algorithm, delay_ms)
+        if key not in self._open:
+            members = list(range(num_nodes))
+            self._open[key] = self.pool.open_session(members, algorithm, delay_ms)
+        return self._open[key]
+
+
+@pytest.fixture(scope="module")
+def sessions() -> Iterator[Sessions]:
+    pool = RankPool(max(NODE_COUNTS))
+    try:
+        yield Sessions(pool)
+    finally:
+        pool.close()
+
+
+def check_sum(
+    answers: list[dict[str, Any]], shape: tuple[int, ...], dtype: str, label: str
+) -> None:
+    """Every rank holds the same bits, of the right shape and dtype, close to the sum."""
+    digests = {a["digest"] for a in answers}
+    assert len(digests) == 1, f"{label}: ranks disagree bit-wise"
+    for rank, a in enumerate(answers):
+        assert a["shape"] == shape, f"{label}: rank {rank} got shape {a['shape']}"
+        assert a["dtype"] == dtype, f"{label}: rank {rank} got {a['dtype']}"
+        assert a["err_ratio"] <= 1.0, f"{label}: rank {rank} off by {a['err_ratio']:.2f}x tol"
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("num_nodes", NODE_COUNTS)
+def test_all_reduce_matches_local_sum(sessions: Sessions, num_nodes: int, algorithm: str) -> None:
+    session = sessions.get(num_nodes, algorithm)
+    for seed, (dtype, shape) in enumerate((d, s) for d in HALF_AND_FULL for s in SHAPES):
+        answers = sessions.pool.run(session, "all_reduce", seed=seed, shape=shape, dtype=dtype)
+        check_sum(answers, shape, dtype, f"{algorithm} {num_nodes} nodes {dtype} {shape}")
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("num_nodes", (2, 3))
+def test_all_reduce_of_64_mib_travels_in_chunks(
+    sessions: Sessions, num_nodes: int, algorithm: str
+) -> None:
+    session = sessions.get(num_nodes, algorithm)
+    answers = sessions.pool.run(session, "all_reduce", seed=99, shape=BIG_SHAPE, dtype="float32")
+    check_sum(answers, BIG_SHAPE, "float32", f"{algorithm} {num_nodes} nodes 64 MiB")
+    payload_bytes = 4 * BIG_SHAPE[0] * BIG_SHAPE[1]
+    min_frames = payload_bytes // num_nodes // CHUNK_BYTES  # ring: 1/N of it per step
+    for rank, a in enumerate(answers):
+        assert a["frames"] >= max(2, min_frames), f"rank {rank} received {a['frames']} frames"
+
+
+def test_single_node_session_returns_a_copy(sessions: Sessions) -> None:
+    answers = sessions.pool.run(
+        sessions.get(1), "all_reduce", seed=5, shape=(7, 143), dtype="bfloat16"
+    )
+    check_sum(answers, (7, 143), "bfloat16", "1 node")
+
+
+@pytest.mark.parametrize("num_nodes", NODE_COUNTS)
+def test_broadcast_from_hub_and_from_another_rank(sessions: Sessions, num_nodes: int) -> None:
+    session = sessions.get(num_nodes)
+    for src in (0, num_nodes - 1):
+        for dtype, shape in (("bfloat16", (7, 143)), ("float32", (1,))):
+            answers = sessions.pool.run(
+                session, "broadcast", src=src, seed=src, shape=shape, dtype=dtype
+            )
+            assert len({a["digest"] for a in answers}) == 1
+            for rank, a in enumerate(answers):
+                assert a["err_ratio"] == 0.0, f"rank {rank}: not the bits rank {src} sent"
+                assert (a["shape"], a["dtype"]) == (shape, dtype)
+
+
+def test_send_recv_between_ranks_that_are_not_the_hub(sessions: Sessions) -> None:
+    session = sessions.get(4)
+    for src, dst in ((1, 2), (3, 1), (2, 3)):
+        answers = sessions.pool.run(
+            session, "send_recv", src=src, dst=dst, seed=7, shape=(1001,), dtype="float16"
+        )
+        received = [(rank, a) for rank, a in enumerate(answers) if a is not None]
+        assert [rank for rank, _ in received] == [dst]
+        assert received[0][1]["err_ratio"] == 0.0, f"{src} -> {dst}: bytes changed on the way"
+
+
+@pytest.mark.parametrize("num_nodes", (2, 3, 6))
+def test_reduce_delivers_the_sum_to_the_hub_only(sessions: Sessions, num_nodes: int) -> None:
+    session = sessions.get(num_nodes)
+    for dtype in HALF_AND_FULL:
+        answers = sessions.pool.run(session, "reduce", dst=0, seed=11, shape=(7, 143), dtype=dtype)
+        assert all(a is None for a in answers[1:])
+        check_sum(answers[:1], (7, 143), dtype, f"reduce {num_nodes} nodes {dtype}")
+
+
+@pytest.mark.parametrize(("algorithm", "num_nodes"), [("star", 4), ("ring", 3), ("ring", 4)])
+def test_injected_link_delay_sets_a_lower_bound(
+    sessions: Sessions, algorithm: str, num_nodes: int
+) -> None:
+    """TPI-LLM's count: star waits 2 link delays, ring 2(N-1). Lower bounds only."""
+    delay_ms = 10.0
+    session = sessions.get(num_nodes, algorithm, delay_ms)
+    hops = 2 if algorithm == "star" else 2 * (num_nodes - 1)
+    for seed in range(2):
+        answers = sessions.pool.run(session, "all_reduce", seed=seed, shape=(576,), dtype="float32")
+        check_sum(answers, (576,), "float32", f"{algorithm} with delay")
+        slowest_s = max(a["elapsed_s"] for a in answers)
+        assert slowest_s >= hops * delay_ms / 1e3 * 0.999, f"{slowest_s * 1e3:.2f} ms"

@@ -1,0 +1,320 @@
+"""The data channel's framing and handshake against raw sockets on 127.0.0.1.
+
+A real DataListener serves; the test plays a misbehaving client byte by byte: every bad
+frame ends that link with an ERROR frame that says why, and the listener keeps
+accepting correct clients.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from edgecluster import PROTOCOL_VERSION
+from edgecluster.errors import AuthenticationError, EdgeClusterError, TensorMessageError
+from edgecluster.net.auth import session_proof
+from edgecluster.net.datachannel import MAX_FRAME_BYTES, DataListener, Link, dial
+from edgecluster.net.pb import edgecluster_pb2 as pb
+
+SESSION = "sess-1"
+KEY = secrets.token_bytes(32)
+_LEN = struct.Struct("<I")
+
+
+@pytest.fixture
+def listener() -> Iterator[DataListener]:
+    server = DataListener("127.0.0.1")
+    server.expect(SESSION, KEY)
+    yield server
+    server.close()
+
+
+def _proof(nonce: bytes, rank: int, role: bytes, key: bytes = KEY, session: str = SESSION) -> bytes:
+    return session_proof(key, role, nonce, session.encode(), str(rank).encode())
+
+
+class RawClient:
+    """A client that writes whatever bytes the test wants."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+
+    def send_bytes(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send_frame(self, frame: pb.Frame) -> None:
+        body = frame.SerializeToString()
+        self.sock.sendall(_LEN.pack(len(body)) + body)
+
+    def read_frame(self) -> pb.Frame | None:
+        """The next frame, or None once the server closed the connection."""
+        head = self._read_exactly(4)
+        if head is None:
+            return None
+        body = self._read_exactly(_LEN.unpack(head)[0])
+        assert body is not None, "connection closed mid-frame"
+        frame = pb.Frame()
+        frame.ParseFromString(body)
+        return frame
+
+    def challenge(self) -> bytes:
+        frame = self.read_frame()
+        assert frame is not None and frame.kind == pb.Frame.CHALLENGE and len(frame.nonce) >= 16
+        return frame.nonce
+
+    def hello(self, nonce: bytes, rank: int = 1, **overrides: object) -> None:
+        fields = {
+            "kind": pb.Frame.HELLO,
+            "session_id": SESSION,
+            "rank": rank,
+            "protocol_version": PROTOCOL_VERSION,
+            "proof": _proof(nonce, rank, b"client"),
+            **overrides,
+        }
+        self.send_frame(pb.Frame(**fields))  # type: ignore[arg-type]
+
+    def expect_error_then_close(self, *fragments: str) -> str:
+        frame = self.read_frame()
+        assert frame is not None and frame.kind == pb.Frame.ERROR, frame
+        for fragment in fragments:
+            assert fragment in frame.message, frame.message
+        assert self.read_frame() is None, "the server must close the link after an ERROR frame"
+        return frame.message
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _read_exactly(self, size: int) -> bytes | None:
+        data = b""
+        while len(data) < size:
+            piece = self.sock.recv(size - len(data))
+            if not piece:
+                return None
+            data += piece
+        return data
+
+
+def _dial_and_take(listener: DataListener, rank: int = 1) -> tuple[Link, Link]:
+    """A correct client link and the listener's side of it."""
+    client = dial(
+        f"127.0.0.1:{listener.port}",
+        session_id=SESSION,
+        key=KEY,
+        rank=rank,
+        peer="hub",
+        timeout_s=5,
+    )
+    return client, listener.take(SESSION, rank, timeout_s=5)
+
+
+def _assert_still_accepting(listener: DataListener) -> None:
+    client, server = _dial_and_take(listener, rank=7)
+    try:
+        sent = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)
+        client.send_tensor(sent)
+        assert torch.equal(server.recv_tensor(), sent)
+        server.send_tensor(sent * 2)
+        assert torch.equal(client.recv_tensor(), sent * 2)
+    finally:
+        client.close()
+        server.close()
+
+
+def _oversized(c: RawClient, nonce: bytes) -> None:
+    c.send_bytes(_LEN.pack(MAX_FRAME_BYTES + 1))
+
+
+def _garbage(c: RawClient, nonce: bytes) -> None:
+    c.send_bytes(_LEN.pack(8) + b"\xff" * 8)  # field 31 with wire type 7: not protobuf
+
+
+def _wrong_proof(c: RawClient, nonce: bytes) -> None:
+    c.hello(nonce, proof=_proof(nonce, 1, b"client", key=b"k" * 32))
+
+
+def _proof_for_another_rank(c: RawClient, nonce: bytes) -> None:
+    c.hello(nonce, rank=2, proof=_proof(nonce, 1, b"client"))
+
+
+def _replayed_server_proof(c: RawClient, nonce: bytes) -> None:
+    c.hello(nonce, proof=_proof(nonce, 1, b"server"))
+
+
+def _unknown_session(c: RawClient, nonce: bytes) -> None:
+    c.hello(nonce, session_id="nope", proof=_proof(nonce, 1, b"client", session="nope"))
+
+
+def _other_protocol(c: RawClient, nonce: bytes) -> None:
+    c.hello(nonce, protocol_version=PROTOCOL_VERSION + 1)
+
+
+def _tensor_before_hello(c: RawClient, nonce: bytes) -> None:
+    c.send_frame(pb.Frame(kind=pb.Frame.TENSOR))
+
+
+BAD_HANDSHAKES = {
+    "oversized-frame": (_oversized, ["INVALID_ARGUMENT", f"exceeds the limit {MAX_FRAME_BYTES}"]),
+    "garbage-bytes": (_garbage, ["INVALID_ARGUMENT", "undecodable frame"]),
+    "wrong-session-proof": (_wrong_proof, ["UNAUTHENTICATED", "wrong session proof"]),
+    "proof-for-another-rank": (_proof_for_another_rank, ["wrong session proof"]),
+    "server-proof-replayed": (_replayed_server_proof, ["wrong session proof"]),
+    "unknown-session": (_unknown_session, ["UNAUTHENTICATED", "unknown session 'nope'"]),
+    "other-protocol-version": (
+        _other_protocol,
+        [f"protocol version {PROTOCOL_VERSION + 1}", f"this node's {PROTOCOL_VERSION}"],
+    ),
+    "tensor-before-hello": (_tensor_before_hello, ["expected HELLO"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_HANDSHAKES))
+def test_a_bad_handshake_gets_an_error_frame_and_the_listener_keeps_accepting(
+    listener: DataListener, case: str
+) -> None:
+    misbehave, fragments = BAD_HANDSHAKES[case]
+    client = RawClient(listener.port)
+    try:
+        misbehave(client, client.challenge())
+        client.expect_error_then_close(*fragments)
+    finally:
+        client.close()
+    with pytest.raises(EdgeClusterError, match="did not connect"):
+        listener.take(SESSION, 1, timeout_s=0.2)  # nothing was handed out
+    _assert_still_accepting(listener)
+
+
+def test_a_correct_raw_handshake_is_welcomed_with_the_servers_proof(listener: DataListener) -> None:
+    client = RawClient(listener.port)
+    try:
+        nonce = client.challenge()
+        client.hello(nonce, rank=3)
+        welcome = client.read_frame()
+        assert welcome is not None and welcome.kind == pb.Frame.WELCOME
+        assert welcome.proof == _proof(nonce, 3, b"server")  # the server knows the key too
+        link = listener.take(SESSION, 3, timeout_s=5)
+        link.send_tensor(torch.tensor([1.5, -2.0]))
+        frame = client.read_frame()
+        assert frame is not None and frame.kind == pb.Frame.TENSOR
+        assert (frame.chunk.dtype, list(frame.chunk.shape)) == ("float32", [2])
+        link.close()
+    finally:
+        client.close()
+
+
+def test_nonces_are_fresh_per_connection(listener: DataListener) -> None:
+    clients = [RawClient(listener.port) for _ in range(3)]
+    try:
+        assert len({c.challenge() for c in clients}) == 3
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_a_silent_client_does_not_hold_up_others(listener: DataListener) -> None:
+    idle = RawClient(listener.port)  # connects, never says hello
+    try:
+        _assert_still_accepting(listener)
+    finally:
+        idle.close()
+
+
+def _framed(*frames: pb.Frame) -> bytes:
+    return b"".join(_LEN.pack(len(b)) + b for b in (f.SerializeToString() for f in frames))
+
+
+def _tensor_frame(dtype: str, shape: list[int], data: bytes, offset: int = 0) -> pb.Frame:
+    chunk = pb.TensorChunk(dtype=dtype, shape=shape, data=data, offset=offset)
+    return pb.Frame(kind=pb.Frame.TENSOR, chunk=chunk)
+
+
+BAD_FRAMES = {
+    "oversized": (
+        _LEN.pack(MAX_FRAME_BYTES + 1),
+        ["INVALID_ARGUMENT", f"exceeds the limit {MAX_FRAME_BYTES}"],
+    ),
+    "garbage": (_LEN.pack(4) + b"\xff" * 4, ["INVALID_ARGUMENT", "undecodable frame"]),
+    "unknown-dtype": (
+        _framed(_tensor_frame("complex64", [2], bytes(16))),
+        ["INVALID_ARGUMENT", "unknown dtype 'complex64'"],
+    ),
+    "bytes-beyond-shape": (
+        _framed(_tensor_frame("float32", [3], bytes(13))),
+        ["INVALID_ARGUMENT", "fall outside the 12 bytes"],
+    ),
+    "mixed-chunks": (
+        _framed(
+            _tensor_frame("float32", [3], bytes(11)),
+            _tensor_frame("float32", [4], bytes(4), offset=11),
+        ),
+        ["INVALID_ARGUMENT", "does not continue tensor"],
+    ),
+    "not-a-tensor": (_framed(pb.Frame(kind=pb.Frame.HELLO)), ["expected a TENSOR frame"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FRAMES))
+def test_bad_frames_on_an_open_link_end_it_with_a_reason(listener: DataListener, case: str) -> None:
+    frame_bytes, fragments = BAD_FRAMES[case]
+    client = RawClient(listener.port)
+    try:
+        nonce = client.challenge()
+        client.hello(nonce)
+        assert client.read_frame().kind == pb.Frame.WELCOME  # type: ignore[union-attr]
+        server = listener.take(SESSION, 1, timeout_s=5)
+        client.send_bytes(frame_bytes)
+        with pytest.raises(TensorMessageError, match=fragments[-1]):
+            server.recv_tensor()
+        client.expect_error_then_close(*fragments)
+    finally:
+        client.close()
+    _assert_still_accepting(listener)
+
+
+def test_dialing_with_the_wrong_key_is_refused(listener: DataListener) -> None:
+    with pytest.raises(EdgeClusterError, match="wrong session proof"):
+        dial(
+            f"127.0.0.1:{listener.port}",
+            session_id=SESSION,
+            key=b"x" * 32,
+            rank=1,
+            peer="hub",
+            timeout_s=5,
+        )
+    _assert_still_accepting(listener)
+
+
+def test_a_server_that_cannot_prove_the_key_is_refused_by_the_client() -> None:
+    """Mutual authentication: an impostor listener that welcomes anyone is not trusted."""
+    with socket.create_server(("127.0.0.1", 0)) as impostor:
+        port = impostor.getsockname()[1]
+
+        def serve_once() -> None:
+            conn, _ = impostor.accept()
+            with conn:
+                link = Link(conn, "client")
+                link.send_frame(pb.Frame(kind=pb.Frame.CHALLENGE, nonce=secrets.token_bytes(16)))
+                link.recv_frame()
+                link.send_frame(pb.Frame(kind=pb.Frame.WELCOME, proof=b"\0" * 32))
+                conn.recv(1)  # hold the connection until the client hangs up
+
+        thread = threading.Thread(target=serve_once, daemon=True)
+        thread.start()
+        with pytest.raises(AuthenticationError, match="failed to prove the session key"):
+            dial(f"127.0.0.1:{port}", session_id=SESSION, key=KEY, rank=1, peer="x", timeout_s=5)
+        thread.join(5)
+
+
+def test_a_forgotten_session_refuses_new_links(listener: DataListener) -> None:
+    listener.forget(SESSION)
+    client = RawClient(listener.port)
+    try:
+        client.hello(client.challenge())
+        client.expect_error_then_close("unknown session 'sess-1'")
+    finally:
+        client.close()
