@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    from edgecluster.runtime.local_agents import die_with_parent
+
+    die_with_parent()  # a `--local` child: leave with the coordinator that started us
     from edgecluster.runtime.agent import run_agent  # heavy imports after argument checks
 
     return run_agent(config, stop)

@@ -1,7 +1,9 @@
 """`--local N`: agents as child processes on 127.0.0.1, stopped with the coordinator.
 
-Each child asks the kernel to SIGTERM it if the coordinator dies (PR_SET_PDEATHSIG),
-so no orphan is left even after a SIGKILL.
+Each child is told its parent's pid (EDGE_PARENT_PID) and, first thing, asks the
+kernel to SIGTERM it when that parent dies (`die_with_parent`), so no orphan is
+left even after a SIGKILL. That happens in the child itself, not in a preexec_fn:
+running Python between fork and exec in a process with gRPC threads can deadlock.
 """
 
 from __future__ import annotations
@@ -20,9 +22,18 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+PARENT_ENV = "EDGE_PARENT_PID"
+
+
+def die_with_parent() -> None:
+    """Called by an agent at start: exit when the coordinator that started it dies."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not parent.isdigit():
+        return
     with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # it died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class LocalAgents:
@@ -39,7 +50,7 @@ class LocalAgents:
         threads: int,
         extra_args: list[str] | None = None,
     ) -> None:
-        env = {**os.environ, "EDGE_TOKEN": token}
+        env = {**os.environ, "EDGE_TOKEN": token, PARENT_ENV: str(os.getpid())}
         for i in range(count):
             name = f"local-{i}"
             argv = [
@@ -48,7 +59,7 @@ class LocalAgents:
                 "--data-dir", str(data_root / name), "--threads", str(threads),
                 *(extra_args or []),
             ]  # fmt: skip
-            self.procs.append(subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent))
+            self.procs.append(subprocess.Popen(argv, env=env))
         log.info("started %d local agents", count)
 
     def stop(self, timeout_s: float = 5.0) -> None:

@@ -97,6 +97,7 @@ class ServingCluster:
         self.scheduler.on_lost = self._lost
         self._state = "waiting for agents"
         self._session: _Session | None = None
+        self._served_once = False
         self._need_plan = threading.Event()
         self._need_plan.set()
         self._ready = threading.Event()
@@ -225,8 +226,10 @@ class ServingCluster:
 
     def _establish(self) -> None:
         alive = self._membership.alive()
-        if len(alive) < self.config.min_agents:
-            self._state = f"waiting for agents ({len(alive)}/{self.config.min_agents} alive)"
+        # --min-agents gates the first start; afterwards the survivors serve if they can
+        needed = 1 if self._served_once else self.config.min_agents
+        if len(alive) < needed:
+            self._state = f"waiting for agents ({len(alive)}/{needed} alive)"
             self._need_plan.set()
             self._membership.wait_for_change(1.0)
             return
@@ -244,6 +247,7 @@ class ServingCluster:
             self.scheduler.detach("the coordinator is re-planning")
             old.comm.close()
         self._session = self._open(plan, {m.id: m for m in members})
+        self._served_once = True
         self._state = "ready"
         self._ready.set()
         return self._session.comm
