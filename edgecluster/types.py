@@ -21,6 +21,7 @@ class DeviceProfile:
     accelerator: str = "none"
     memory_limit_bytes: int = 0  # 0: no promise made
     runtime_rss_bytes: int = 0  # resident memory of the agent before any weights
+    cpu_limit: float = 0.0  # CPUs a quota allows (0: no quota)
 
     @property
     def memory_budget_bytes(self) -> int:
@@ -65,6 +66,7 @@ class MemberInfo:
             "address": self.address,
             "state": self.state,
             "cpu_count": p.cpu_count,
+            "cpu_limit": p.cpu_limit,
             "memory_total_bytes": p.memory_total_bytes,
             "memory_available_bytes": p.memory_available_bytes,
             "memory_limit_bytes": p.memory_limit_bytes,

@@ -17,6 +17,7 @@ def profile_to_pb(p: DeviceProfile) -> pb.DeviceProfile:
         accelerator=p.accelerator,
         memory_limit_bytes=p.memory_limit_bytes,
         runtime_rss_bytes=p.runtime_rss_bytes,
+        cpu_limit=p.cpu_limit,
     )
 
 
@@ -33,6 +34,7 @@ def profile_from_pb(m: pb.DeviceProfile) -> DeviceProfile:
         accelerator=m.accelerator or "none",
         memory_limit_bytes=m.memory_limit_bytes,
         runtime_rss_bytes=m.runtime_rss_bytes,
+        cpu_limit=m.cpu_limit,
     )
 
 

@@ -7,6 +7,7 @@ coordinator at once); the links are opened and the steps followed on a thread.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ import psutil
 import torch
 
 from edgecluster.comm.communicator import Communicator, SessionConfig
+from edgecluster.device.allocator import release_free_memory
 from edgecluster.engine.agent_loop import run_agent_session
 from edgecluster.engine.shard_executor import ShardExecutor, WeightSource
 from edgecluster.errors import EdgeClusterError
@@ -116,6 +118,8 @@ class AgentSessions:
 
     def open(self, req: SessionRequest) -> None:
         self.close(None)
+        gc.collect()  # a session that ended on its own may still be freeing its shard
+        release_free_memory()
         executor = self._load(req)
         self._listener.expect(req.comm.session_id, req.comm.session_key, req.comm.link_delay_ms)
         thread = threading.Thread(
@@ -202,6 +206,7 @@ class AgentSessions:
             with self._lock:
                 if self._current and self._current[0].comm.session_id == sid:
                     self._current, self._comm = None, None
+                    self._release_weights()
 
     def close(self, session_id: str | None) -> None:
         """Closes the current session (only if it is `session_id`, when given)."""
@@ -214,9 +219,16 @@ class AgentSessions:
         if comm is not None:
             comm.close()
         current[2].join(timeout=5)
+        with self._lock:
+            self._release_weights()
+
+    def _release_weights(self) -> None:
+        """Drops the shard from memory (the next session measures a clean process)."""
         if isinstance(self.weights, StreamingWeights):
             self.weights.close()
         self.weights, self.weight_bytes, self.resident_weight_bytes = None, 0, 0
+        gc.collect()
+        release_free_memory()
 
 
 ACTIVATION_SLACK_BYTES = 64 << 20

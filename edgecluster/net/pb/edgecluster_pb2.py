@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$edgecluster/net/pb/edgecluster.proto\x12\x0e\x65\x64gecluster.v1\"\x07\n\x05\x45mpty\"W\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\xf9\x01\n\rDeviceProfile\x12\x11\n\tcpu_count\x18\x01 \x01(\x05\x12\x1a\n\x12memory_total_bytes\x18\x02 \x01(\x03\x12\x1e\n\x16memory_available_bytes\x18\x03 \x01(\x03\x12\x17\n\x0f\x64isk_free_bytes\x18\x04 \x01(\x03\x12\x1d\n\x15\x64isk_read_bytes_per_s\x18\x05 \x01(\x01\x12\x15\n\rmatmul_gflops\x18\x06 \x01(\x01\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x07 \x01(\t\x12\x1a\n\x12memory_limit_bytes\x18\x08 \x01(\x03\x12\x19\n\x11runtime_rss_bytes\x18\t \x01(\x03\"\x9a\x01\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12.\n\x07profile\x18\x05 \x01(\x0b\x32\x1d.edgecluster.v1.DeviceProfile\x12\x11\n\tdata_port\x18\x06 \x01(\x05\":\n\tJoinReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\"p\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1e\n\x16memory_available_bytes\x18\x02 \x01(\x03\x12+\n\x06status\x18\x03 \x01(\x0b\x32\x1b.edgecluster.v1.AgentStatus\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\"\x1f\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\x8b\x01\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12.\n\x07profile\x18\x05 \x01(\x0b\x32\x1d.edgecluster.v1.DeviceProfile\x12\x17\n\x0flast_seen_s_ago\x18\x06 \x01(\x01\"1\n\x07Members\x12&\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x16.edgecluster.v1.Member\",\n\rInviteRequest\x12\x1b\n\x13\x63oordinator_address\x18\x01 \x01(\t\"\xa8\x01\n\tShardSpec\x12\x14\n\x0cq_head_start\x18\x01 \x01(\x05\x12\x12\n\nq_head_end\x18\x02 \x01(\x05\x12\x15\n\rkv_head_start\x18\x03 \x01(\x05\x12\x13\n\x0bkv_head_end\x18\x04 \x01(\x05\x12\x15\n\rmlp_col_start\x18\x05 \x01(\x05\x12\x13\n\x0bmlp_col_end\x18\x06 \x01(\x05\x12\x19\n\x11holds_output_bias\x18\x07 \x01(\x08\"\x93\x01\n\x13PrepareShardRequest\x12\x11\n\tshard_key\x18\x01 \x01(\t\x12\x19\n\x11model_config_json\x18\x02 \x01(\t\x12\'\n\x04spec\x18\x03 \x01(\x0b\x32\x19.edgecluster.v1.ShardSpec\x12\x0e\n\x06\x62locks\x18\x04 \x03(\t\x12\x15\n\rstorage_dtype\x18\x05 \x01(\t\"+\n\x11PrepareShardReply\x12\x16\n\x0emissing_blocks\x18\x01 \x03(\t\"\x83\x01\n\nShardChunk\x12\x11\n\tshard_key\x18\x01 \x01(\t\x12\r\n\x05\x62lock\x18\x02 \x01(\t\x12*\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x1b.edgecluster.v1.TensorChunk\x12\x11\n\tblock_end\x18\x04 \x01(\x08\x12\x14\n\x0c\x62lock_sha256\x18\x05 \x01(\t\">\n\rPutShardReply\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x03\x12\x15\n\rblocks_stored\x18\x02 \x01(\x05\"\xd7\x01\n\x0bSessionSpec\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_key\x18\x02 \x01(\x0c\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x11\n\tendpoints\x18\x04 \x03(\t\x12\x11\n\talgorithm\x18\x05 \x01(\t\x12\x11\n\tshard_key\x18\x06 \x01(\t\x12\x15\n\rcompute_dtype\x18\x07 \x01(\t\x12\x15\n\rwindow_blocks\x18\x08 \x01(\x05\x12\x13\n\x0bmax_context\x18\t \x01(\x03\x12\x15\n\rlink_delay_ms\x18\n \x01(\x01\"\xd6\x01\n\x0b\x41gentStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\tstreaming\x18\x03 \x01(\x08\x12\x15\n\rwindow_blocks\x18\x04 \x01(\x05\x12\x18\n\x10read_bytes_per_s\x18\x05 \x01(\x01\x12\x14\n\x0cweight_bytes\x18\x06 \x01(\x03\x12\x1d\n\x15resident_weight_bytes\x18\x07 \x01(\x03\x12\x16\n\x0epeak_rss_bytes\x18\x08 \x01(\x03\x12\x11\n\trss_bytes\x18\t \x01(\x03\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xc1\x02\n\x05\x46rame\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.edgecluster.v1.Frame.Kind\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.edgecluster.v1.TensorChunk\x12\x12\n\nsent_at_ns\x18\x03 \x01(\x03\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x0c\n\x04rank\x18\x05 \x01(\x05\x12\r\n\x05nonce\x18\x06 \x01(\x0c\x12\r\n\x05proof\x18\x07 \x01(\x0c\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x18\n\x10protocol_version\x18\t \x01(\r\"c\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05HELLO\x10\x01\x12\r\n\tCHALLENGE\x10\x02\x12\x0b\n\x07WELCOME\x10\x03\x12\n\n\x06TENSOR\x10\x04\x12\t\n\x05\x45RROR\x10\x05\x12\x07\n\x03\x42YE\x10\x06\x32\x99\x02\n\x0b\x43oordinator\x12>\n\x04Join\x12\x1b.edgecluster.v1.JoinRequest\x1a\x19.edgecluster.v1.JoinReply\x12M\n\tHeartbeat\x12 .edgecluster.v1.HeartbeatRequest\x1a\x1e.edgecluster.v1.HeartbeatReply\x12<\n\x05Leave\x12\x1c.edgecluster.v1.LeaveRequest\x1a\x15.edgecluster.v1.Empty\x12=\n\x0bListMembers\x12\x15.edgecluster.v1.Empty\x1a\x17.edgecluster.v1.Members2\xbb\x03\n\x05\x41gent\x12>\n\x06Invite\x12\x1d.edgecluster.v1.InviteRequest\x1a\x15.edgecluster.v1.Empty\x12V\n\x0cPrepareShard\x12#.edgecluster.v1.PrepareShardRequest\x1a!.edgecluster.v1.PrepareShardReply\x12G\n\x08PutShard\x12\x1a.edgecluster.v1.ShardChunk\x1a\x1d.edgecluster.v1.PutShardReply(\x01\x12G\n\x0bOpenSession\x12\x1b.edgecluster.v1.SessionSpec\x1a\x1b.edgecluster.v1.AgentStatus\x12J\n\x0c\x43loseSession\x12#.edgecluster.v1.CloseSessionRequest\x1a\x15.edgecluster.v1.Empty\x12<\n\x06Status\x12\x15.edgecluster.v1.Empty\x1a\x1b.edgecluster.v1.AgentStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$edgecluster/net/pb/edgecluster.proto\x12\x0e\x65\x64gecluster.v1\"\x07\n\x05\x45mpty\"W\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\x8c\x02\n\rDeviceProfile\x12\x11\n\tcpu_count\x18\x01 \x01(\x05\x12\x1a\n\x12memory_total_bytes\x18\x02 \x01(\x03\x12\x1e\n\x16memory_available_bytes\x18\x03 \x01(\x03\x12\x17\n\x0f\x64isk_free_bytes\x18\x04 \x01(\x03\x12\x1d\n\x15\x64isk_read_bytes_per_s\x18\x05 \x01(\x01\x12\x15\n\rmatmul_gflops\x18\x06 \x01(\x01\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x07 \x01(\t\x12\x1a\n\x12memory_limit_bytes\x18\x08 \x01(\x03\x12\x19\n\x11runtime_rss_bytes\x18\t \x01(\x03\x12\x11\n\tcpu_limit\x18\n \x01(\x01\"\x9a\x01\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12.\n\x07profile\x18\x05 \x01(\x0b\x32\x1d.edgecluster.v1.DeviceProfile\x12\x11\n\tdata_port\x18\x06 \x01(\x05\":\n\tJoinReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\"p\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1e\n\x16memory_available_bytes\x18\x02 \x01(\x03\x12+\n\x06status\x18\x03 \x01(\x0b\x32\x1b.edgecluster.v1.AgentStatus\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\"\x1f\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\x8b\x01\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12.\n\x07profile\x18\x05 \x01(\x0b\x32\x1d.edgecluster.v1.DeviceProfile\x12\x17\n\x0flast_seen_s_ago\x18\x06 \x01(\x01\"1\n\x07Members\x12&\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x16.edgecluster.v1.Member\",\n\rInviteRequest\x12\x1b\n\x13\x63oordinator_address\x18\x01 \x01(\t\"\xa8\x01\n\tShardSpec\x12\x14\n\x0cq_head_start\x18\x01 \x01(\x05\x12\x12\n\nq_head_end\x18\x02 \x01(\x05\x12\x15\n\rkv_head_start\x18\x03 \x01(\x05\x12\x13\n\x0bkv_head_end\x18\x04 \x01(\x05\x12\x15\n\rmlp_col_start\x18\x05 \x01(\x05\x12\x13\n\x0bmlp_col_end\x18\x06 \x01(\x05\x12\x19\n\x11holds_output_bias\x18\x07 \x01(\x08\"\x93\x01\n\x13PrepareShardRequest\x12\x11\n\tshard_key\x18\x01 \x01(\t\x12\x19\n\x11model_config_json\x18\x02 \x01(\t\x12\'\n\x04spec\x18\x03 \x01(\x0b\x32\x19.edgecluster.v1.ShardSpec\x12\x0e\n\x06\x62locks\x18\x04 \x03(\t\x12\x15\n\rstorage_dtype\x18\x05 \x01(\t\"+\n\x11PrepareShardReply\x12\x16\n\x0emissing_blocks\x18\x01 \x03(\t\"\x83\x01\n\nShardChunk\x12\x11\n\tshard_key\x18\x01 \x01(\t\x12\r\n\x05\x62lock\x18\x02 \x01(\t\x12*\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x1b.edgecluster.v1.TensorChunk\x12\x11\n\tblock_end\x18\x04 \x01(\x08\x12\x14\n\x0c\x62lock_sha256\x18\x05 \x01(\t\">\n\rPutShardReply\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x03\x12\x15\n\rblocks_stored\x18\x02 \x01(\x05\"\xd7\x01\n\x0bSessionSpec\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_key\x18\x02 \x01(\x0c\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x11\n\tendpoints\x18\x04 \x03(\t\x12\x11\n\talgorithm\x18\x05 \x01(\t\x12\x11\n\tshard_key\x18\x06 \x01(\t\x12\x15\n\rcompute_dtype\x18\x07 \x01(\t\x12\x15\n\rwindow_blocks\x18\x08 \x01(\x05\x12\x13\n\x0bmax_context\x18\t \x01(\x03\x12\x15\n\rlink_delay_ms\x18\n \x01(\x01\"\xd6\x01\n\x0b\x41gentStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\tstreaming\x18\x03 \x01(\x08\x12\x15\n\rwindow_blocks\x18\x04 \x01(\x05\x12\x18\n\x10read_bytes_per_s\x18\x05 \x01(\x01\x12\x14\n\x0cweight_bytes\x18\x06 \x01(\x03\x12\x1d\n\x15resident_weight_bytes\x18\x07 \x01(\x03\x12\x16\n\x0epeak_rss_bytes\x18\x08 \x01(\x03\x12\x11\n\trss_bytes\x18\t \x01(\x03\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xc1\x02\n\x05\x46rame\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.edgecluster.v1.Frame.Kind\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.edgecluster.v1.TensorChunk\x12\x12\n\nsent_at_ns\x18\x03 \x01(\x03\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x0c\n\x04rank\x18\x05 \x01(\x05\x12\r\n\x05nonce\x18\x06 \x01(\x0c\x12\r\n\x05proof\x18\x07 \x01(\x0c\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x18\n\x10protocol_version\x18\t \x01(\r\"c\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05HELLO\x10\x01\x12\r\n\tCHALLENGE\x10\x02\x12\x0b\n\x07WELCOME\x10\x03\x12\n\n\x06TENSOR\x10\x04\x12\t\n\x05\x45RROR\x10\x05\x12\x07\n\x03\x42YE\x10\x06\x32\x99\x02\n\x0b\x43oordinator\x12>\n\x04Join\x12\x1b.edgecluster.v1.JoinRequest\x1a\x19.edgecluster.v1.JoinReply\x12M\n\tHeartbeat\x12 .edgecluster.v1.HeartbeatRequest\x1a\x1e.edgecluster.v1.HeartbeatReply\x12<\n\x05Leave\x12\x1c.edgecluster.v1.LeaveRequest\x1a\x15.edgecluster.v1.Empty\x12=\n\x0bListMembers\x12\x15.edgecluster.v1.Empty\x1a\x17.edgecluster.v1.Members2\xbb\x03\n\x05\x41gent\x12>\n\x06Invite\x12\x1d.edgecluster.v1.InviteRequest\x1a\x15.edgecluster.v1.Empty\x12V\n\x0cPrepareShard\x12#.edgecluster.v1.PrepareShardRequest\x1a!.edgecluster.v1.PrepareShardReply\x12G\n\x08PutShard\x12\x1a.edgecluster.v1.ShardChunk\x1a\x1d.edgecluster.v1.PutShardReply(\x01\x12G\n\x0bOpenSession\x12\x1b.edgecluster.v1.SessionSpec\x1a\x1b.edgecluster.v1.AgentStatus\x12J\n\x0c\x43loseSession\x12#.edgecluster.v1.CloseSessionRequest\x1a\x15.edgecluster.v1.Empty\x12<\n\x06Status\x12\x15.edgecluster.v1.Empty\x1a\x1b.edgecluster.v1.AgentStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,45 +36,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORCHUNK']._serialized_start=65
   _globals['_TENSORCHUNK']._serialized_end=152
   _globals['_DEVICEPROFILE']._serialized_start=155
-  _globals['_DEVICEPROFILE']._serialized_end=404
-  _globals['_JOINREQUEST']._serialized_start=407
-  _globals['_JOINREQUEST']._serialized_end=561
-  _globals['_JOINREPLY']._serialized_start=563
-  _globals['_JOINREPLY']._serialized_end=621
-  _globals['_HEARTBEATREQUEST']._serialized_start=623
-  _globals['_HEARTBEATREQUEST']._serialized_end=735
-  _globals['_HEARTBEATREPLY']._serialized_start=737
-  _globals['_HEARTBEATREPLY']._serialized_end=768
-  _globals['_LEAVEREQUEST']._serialized_start=770
-  _globals['_LEAVEREQUEST']._serialized_end=801
-  _globals['_MEMBER']._serialized_start=804
-  _globals['_MEMBER']._serialized_end=943
-  _globals['_MEMBERS']._serialized_start=945
-  _globals['_MEMBERS']._serialized_end=994
-  _globals['_INVITEREQUEST']._serialized_start=996
-  _globals['_INVITEREQUEST']._serialized_end=1040
-  _globals['_SHARDSPEC']._serialized_start=1043
-  _globals['_SHARDSPEC']._serialized_end=1211
-  _globals['_PREPARESHARDREQUEST']._serialized_start=1214
-  _globals['_PREPARESHARDREQUEST']._serialized_end=1361
-  _globals['_PREPARESHARDREPLY']._serialized_start=1363
-  _globals['_PREPARESHARDREPLY']._serialized_end=1406
-  _globals['_SHARDCHUNK']._serialized_start=1409
-  _globals['_SHARDCHUNK']._serialized_end=1540
-  _globals['_PUTSHARDREPLY']._serialized_start=1542
-  _globals['_PUTSHARDREPLY']._serialized_end=1604
-  _globals['_SESSIONSPEC']._serialized_start=1607
-  _globals['_SESSIONSPEC']._serialized_end=1822
-  _globals['_AGENTSTATUS']._serialized_start=1825
-  _globals['_AGENTSTATUS']._serialized_end=2039
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=2041
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=2082
-  _globals['_FRAME']._serialized_start=2085
-  _globals['_FRAME']._serialized_end=2406
-  _globals['_FRAME_KIND']._serialized_start=2307
-  _globals['_FRAME_KIND']._serialized_end=2406
-  _globals['_COORDINATOR']._serialized_start=2409
-  _globals['_COORDINATOR']._serialized_end=2690
-  _globals['_AGENT']._serialized_start=2693
-  _globals['_AGENT']._serialized_end=3136
+  _globals['_DEVICEPROFILE']._serialized_end=423
+  _globals['_JOINREQUEST']._serialized_start=426
+  _globals['_JOINREQUEST']._serialized_end=580
+  _globals['_JOINREPLY']._serialized_start=582
+  _globals['_JOINREPLY']._serialized_end=640
+  _globals['_HEARTBEATREQUEST']._serialized_start=642
+  _globals['_HEARTBEATREQUEST']._serialized_end=754
+  _globals['_HEARTBEATREPLY']._serialized_start=756
+  _globals['_HEARTBEATREPLY']._serialized_end=787
+  _globals['_LEAVEREQUEST']._serialized_start=789
+  _globals['_LEAVEREQUEST']._serialized_end=820
+  _globals['_MEMBER']._serialized_start=823
+  _globals['_MEMBER']._serialized_end=962
+  _globals['_MEMBERS']._serialized_start=964
+  _globals['_MEMBERS']._serialized_end=1013
+  _globals['_INVITEREQUEST']._serialized_start=1015
+  _globals['_INVITEREQUEST']._serialized_end=1059
+  _globals['_SHARDSPEC']._serialized_start=1062
+  _globals['_SHARDSPEC']._serialized_end=1230
+  _globals['_PREPARESHARDREQUEST']._serialized_start=1233
+  _globals['_PREPARESHARDREQUEST']._serialized_end=1380
+  _globals['_PREPARESHARDREPLY']._serialized_start=1382
+  _globals['_PREPARESHARDREPLY']._serialized_end=1425
+  _globals['_SHARDCHUNK']._serialized_start=1428
+  _globals['_SHARDCHUNK']._serialized_end=1559
+  _globals['_PUTSHARDREPLY']._serialized_start=1561
+  _globals['_PUTSHARDREPLY']._serialized_end=1623
+  _globals['_SESSIONSPEC']._serialized_start=1626
+  _globals['_SESSIONSPEC']._serialized_end=1841
+  _globals['_AGENTSTATUS']._serialized_start=1844
+  _globals['_AGENTSTATUS']._serialized_end=2058
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=2060
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=2101
+  _globals['_FRAME']._serialized_start=2104
+  _globals['_FRAME']._serialized_end=2425
+  _globals['_FRAME_KIND']._serialized_start=2326
+  _globals['_FRAME_KIND']._serialized_end=2425
+  _globals['_COORDINATOR']._serialized_start=2428
+  _globals['_COORDINATOR']._serialized_end=2709
+  _globals['_AGENT']._serialized_start=2712
+  _globals['_AGENT']._serialized_end=3155
 # @@protoc_insertion_point(module_scope)

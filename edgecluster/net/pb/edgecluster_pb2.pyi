@@ -26,7 +26,7 @@ class TensorChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class DeviceProfile(_message.Message):
-    __slots__ = ("cpu_count", "memory_total_bytes", "memory_available_bytes", "disk_free_bytes", "disk_read_bytes_per_s", "matmul_gflops", "accelerator", "memory_limit_bytes", "runtime_rss_bytes")
+    __slots__ = ("cpu_count", "memory_total_bytes", "memory_available_bytes", "disk_free_bytes", "disk_read_bytes_per_s", "matmul_gflops", "accelerator", "memory_limit_bytes", "runtime_rss_bytes", "cpu_limit")
     CPU_COUNT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class DeviceProfile(_message.Message):
     ACCELERATOR_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPU_LIMIT_FIELD_NUMBER: _ClassVar[int]
     cpu_count: int
     memory_total_bytes: int
     memory_available_bytes: int
@@ -45,7 +46,8 @@ class DeviceProfile(_message.Message):
     accelerator: str
     memory_limit_bytes: int
     runtime_rss_bytes: int
-    def __init__(self, cpu_count: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., disk_read_bytes_per_s: _Optional[float] = ..., matmul_gflops: _Optional[float] = ..., accelerator: _Optional[str] = ..., memory_limit_bytes: _Optional[int] = ..., runtime_rss_bytes: _Optional[int] = ...) -> None: ...
+    cpu_limit: float
+    def __init__(self, cpu_count: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., disk_read_bytes_per_s: _Optional[float] = ..., matmul_gflops: _Optional[float] = ..., accelerator: _Optional[str] = ..., memory_limit_bytes: _Optional[int] = ..., runtime_rss_bytes: _Optional[int] = ..., cpu_limit: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("protocol_version", "node_id", "name", "address", "profile", "data_port")
