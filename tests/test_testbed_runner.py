@@ -241,6 +241,44 @@ def test_half_torn_testbed_is_refused_until_down(
     _nothing_left(project, state_dir, [])
 
 
+def test_restart_runs_the_same_command_in_the_same_namespace_and_cgroup(
+    compose: tuple[ComposeProject, int, Path], tmp_path: Path
+) -> None:
+    project, port, _ = compose
+    state_dir = tmp_path / "state"
+    with pytest.raises(runner.TestbedError, match="not up"):
+        runner.restart(project, project=PROJECT, state_dir=state_dir, service="web")
+    old = runner.up(project, project=PROJECT, state_dir=state_dir).service("web")
+    try:
+        with pytest.raises(runner.TestbedError, match="no service 'nope'"):
+            runner.restart(project, project=PROJECT, state_dir=state_dir, service="nope")
+        argv = ["--project", PROJECT, "--state-dir", str(state_dir), "web"]
+        assert main(["restart", "-f", str(tmp_path / "compose.yaml"), *argv]) == 0
+        new = runner.status(state_dir)[0]
+        assert new is not None and old.process is not None
+        record = new.service("web")
+        assert record.process is not None and record.process.pid != old.process.pid
+        assert not processes.is_alive(old.process)
+        assert (record.argv, record.netns, record.cgroup) == (old.argv, old.netns, old.cgroup)
+        assert _wait_for(lambda: _serves_hello(port))  # it has entered its namespace by now
+        pid = str(record.process.pid)
+        assert netns.run(["ip", "netns", "identify", pid]).strip() == old.netns
+        cgroups = Path(f"/proc/{pid}/cgroup").read_text()
+        assert f"memory:/{cgroup_v1.GROUP_PARENT}/{old.cgroup}\n" in cgroups
+        assert "restarting web" in Path(record.log).read_text()
+    finally:
+        runner.down(project=PROJECT, state_dir=state_dir, compose=project, grace_s=2)
+    _nothing_left(project, state_dir, [])
+
+
+def _serves_hello(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/hello.txt", timeout=2) as reply:
+            return bool(reply.read() == b"hello from web")
+    except OSError:
+        return False
+
+
 def test_cli_status_and_down_without_state(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     argv = ["--project", PROJECT, "--state-dir", str(tmp_path / "none")]
     assert main(["status", *argv]) == 1

@@ -3,6 +3,7 @@
 edge-testbed up     [-f docker/compose.yaml] [--project NAME] [--state-dir DIR] [--foreground]
 edge-testbed down   [-f ...] [--project NAME] [--state-dir DIR] [--volumes]
 edge-testbed status [-f ...] [--project NAME] [--state-dir DIR]
+edge-testbed restart SERVICE [-f ...] [--project NAME] [--state-dir DIR]
 """
 
 from __future__ import annotations
@@ -33,24 +34,28 @@ class TestbedCommand:
     state_dir: Path
     foreground: bool = False
     remove_volumes: bool = False
+    service: str | None = None  # restart: the one service
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="edge-testbed", description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("action", choices=["up", "down", "status", "restart"])
+    parser.add_argument("service", nargs="?", help="restart: the service to restart")
     parser.add_argument("-f", "--file", type=Path, help=f"compose file ({DEFAULT_COMPOSE})")
     parser.add_argument("--project", help="project name (default: the file's `name`)")
     parser.add_argument("--state-dir", type=Path, help="default /tmp/edge-testbed-<project>")
     parser.add_argument("--foreground", action="store_true", help="up: stay, down on Ctrl-C")
     parser.add_argument("--volumes", action="store_true", help="down: delete named volumes too")
     parser.add_argument("-v", "--verbose", action="store_true")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def _build_command(args: argparse.Namespace) -> TestbedCommand:
+    if (args.action == "restart") != (args.service is not None):
+        raise ValueError("name one service with `restart SERVICE`, and only with restart")
     path = args.file or DEFAULT_COMPOSE
     compose = None
-    if args.file is not None or args.action == "up" or path.exists():
+    if args.file is not None or args.action in ("up", "restart") or path.exists():
         compose = load_compose(path)
     project = args.project or _default_project(compose, path)
     if project is None:
@@ -62,6 +67,7 @@ def _build_command(args: argparse.Namespace) -> TestbedCommand:
         state_dir=args.state_dir or runner.default_state_dir(project),
         foreground=args.foreground,
         remove_volumes=args.volumes,
+        service=args.service,
     )
 
 
@@ -85,6 +91,8 @@ def run_testbed(command: TestbedCommand) -> int:
         )
         print("\n".join(f"removed {item}" for item in removed) or "nothing to remove")
         return 0
+    if command.action == "restart":
+        return _restart(command)
     return _status(command)
 
 
@@ -106,6 +114,19 @@ def _up(command: TestbedCommand) -> int:
         finally:
             runner.down(project=command.project, state_dir=command.state_dir)
     return 0
+
+
+def _restart(command: TestbedCommand) -> int:
+    assert command.compose is not None and command.service is not None
+    record = runner.restart(
+        command.compose,
+        project=command.project,
+        state_dir=command.state_dir,
+        service=command.service,
+    )
+    pid = record.process.pid if record.process else None
+    print(f"restarted {record.name} (pid {pid}) in {record.netns}; log: {record.log}")
+    return 0 if record.process is not None else 1
 
 
 def _status(command: TestbedCommand) -> int:

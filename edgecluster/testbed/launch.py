@@ -9,17 +9,23 @@ into the service's cgroups before it executes anything, with its own session
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from edgecluster.device import block
+from edgecluster.device import block, cgroup_v1
 from edgecluster.device.emulated import DeviceLimits, EmulatedDevice
 from edgecluster.testbed.compose import ComposeError, ComposeProject, Service
 from edgecluster.testbed.netns import hosts_path
-from edgecluster.testbed.processes import record, resolve_program, service_environment
+from edgecluster.testbed.processes import (
+    ProcessRecord,
+    record,
+    resolve_program,
+    service_environment,
+)
 from edgecluster.testbed.state import ServiceRecord
 from edgecluster.testbed.topology import Endpoint
 
@@ -98,22 +104,7 @@ def start_service(
     """Create the service's emulated device and start `argv` in it."""
     device = EmulatedDevice(endpoint.netns, device_limits(service), io_path=state_dir).open()
     log_path = state_dir / "logs" / f"{service.name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
-        proc = device.popen(
-            argv,
-            env=service_environment(service, extra_env),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        process = record(proc.pid)
-    except ProcessLookupError:
-        logger.warning("service %s exited at once; see %s", service.name, log_path)
-        process = None
-    logger.info("started %s (pid %d) at %s", service.name, proc.pid, endpoint.address)
+    env = service_environment(service, extra_env)
     return ServiceRecord(
         name=service.name,
         netns=endpoint.netns,
@@ -122,5 +113,42 @@ def start_service(
         cgroup=device.name,
         log=str(log_path),
         argv=tuple(argv),
-        process=process,
+        process=_spawn(service.name, device, argv, env, log_path),
     )
+
+
+def restart_service(
+    service: Service, record: ServiceRecord, *, extra_env: Mapping[str, str], state_dir: Path
+) -> ServiceRecord:
+    """Start `record`'s command again: same namespace, same cgroups (limits kept), same
+    volumes. Whatever still runs in those cgroups is killed first; the log is appended to."""
+    device = EmulatedDevice(record.cgroup, DeviceLimits(), io_path=state_dir)  # limits stay
+    cgroup_v1.kill_group_processes(list(device.paths.values()))
+    log_path = Path(record.log)
+    with log_path.open("ab") as log:
+        log.write(f"--- edge-testbed: restarting {service.name} ---\n".encode())
+    env = service_environment(service, extra_env)
+    process = _spawn(service.name, device, list(record.argv), env, log_path)
+    return dataclasses.replace(record, process=process)
+
+
+def _spawn(
+    name: str, device: EmulatedDevice, argv: list[str], env: Mapping[str, str], log_path: Path
+) -> ProcessRecord | None:
+    """Start `argv` in `device` in a session of its own, output appended to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        proc = device.popen(
+            argv,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    logger.info("started %s (pid %d) in %s", name, proc.pid, device.name)
+    try:
+        return record(proc.pid)
+    except ProcessLookupError:
+        logger.warning("service %s exited at once; see %s", name, log_path)
+        return None

@@ -3,9 +3,10 @@
 `up` refuses while anything of the project is left over, writes the state file
 first, builds the bridge and one namespace per service, starts each service in
 dependency order inside its namespace and emulated device, and starts the
-supervisor that forwards published ports from 127.0.0.1. `down` removes all of
-it by name (from the state file and, when given, the compose file), and is
-idempotent. Needs root.
+supervisor that forwards published ports from 127.0.0.1. `restart` starts one
+service's recorded command again in its namespace, cgroups and volumes. `down`
+removes all of it by name (from the state file and, when given, the compose
+file), and is idempotent. Needs root.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from edgecluster.device import cgroup_v1
 from edgecluster.device.emulated import available as emulated_available
 from edgecluster.errors import EdgeClusterError
 from edgecluster.testbed import launch, netns, processes, state
-from edgecluster.testbed.compose import ComposeProject
+from edgecluster.testbed.compose import ComposeProject, Service
 from edgecluster.testbed.forward import Forward, run_forwards
 from edgecluster.testbed.state import ServiceRecord, TestbedState
 from edgecluster.testbed.topology import Topology, bridge_name, plan_topology, veth_prefix
@@ -220,12 +221,7 @@ def down(
     grace_s: float = 5.0,
 ) -> list[str]:
     """Stop and remove everything of `project`; what was removed. Safe to repeat."""
-    current = state.load(state_dir)
-    if current is not None and current.project != project:
-        raise TestbedError(
-            f"{state_dir} holds testbed {current.project!r}, not {project!r}; "
-            f"pass --project {current.project} or another --state-dir"
-        )
+    current = _load_state(project, state_dir)
     namespaces = sorted(_known_names(project, state_dir, compose).netns)
     recorded = [s.process for s in current.services if s.process] if current else []
     supervisor = [current.supervisor] if current and current.supervisor else []
@@ -249,6 +245,59 @@ def down(
         removed.append(f"state {state.state_path(state_dir)}")
     logger.info("testbed %s down: removed %d things", project, len(removed))
     return removed
+
+
+def restart(
+    compose: ComposeProject, *, project: str, state_dir: Path, service: str, grace_s: float = 5.0
+) -> ServiceRecord:
+    """Stop `service` if it still runs and start its command again in the same namespace,
+    cgroups and volumes (as `docker compose restart` does); its new record."""
+    current = _load_state(project, state_dir)
+    if current is None:
+        raise TestbedError(f"testbed {project} is not up (no state in {state_dir}); run `up`")
+    names = [record.name for record in current.services]
+    if service not in names or service not in compose.services:
+        raise TestbedError(f"testbed {project} has no service {service!r}; it has {names}")
+    record, spec = current.service(service), compose.services[service]
+    _check_restartable(record, spec, state_dir)
+    if record.process is not None:
+        processes.stop([record.process], grace_s)
+    extra_env = launch.link_environment(spec, compose)
+    restarted = launch.restart_service(spec, record, extra_env=extra_env, state_dir=state_dir)
+    services = tuple(restarted if s.name == service else s for s in current.services)
+    state.save(dataclasses.replace(current, services=services), state_dir)
+    return restarted
+
+
+def _check_restartable(record: ServiceRecord, spec: Service, state_dir: Path) -> None:
+    """The service's namespace and cgroups still exist and its command is unchanged."""
+    missing = [] if record.netns in netns.list_netns() else [f"netns {record.netns}"]
+    missing += [
+        f"cgroup {controller}"
+        for controller in cgroup_v1.CONTROLLERS
+        if not cgroup_v1.group_path(controller, record.cgroup).is_dir()
+    ]
+    if missing:
+        raise TestbedError(
+            f"service {record.name} cannot be restarted: {', '.join(missing)} is gone; "
+            "run `edge-testbed down`, then `up`"
+        )
+    binds = launch.volume_binds(spec, state_dir / "volumes")
+    if tuple(launch.service_argv(spec, record.netns, binds)) != record.argv:
+        raise TestbedError(
+            f"service {record.name}: the compose file changed since `up` (its command or "
+            "volumes differ); run `edge-testbed down`, then `up`"
+        )
+
+
+def _load_state(project: str, state_dir: Path) -> TestbedState | None:
+    current = state.load(state_dir)
+    if current is not None and current.project != project:
+        raise TestbedError(
+            f"{state_dir} holds testbed {current.project!r}, not {project!r}; "
+            f"pass --project {current.project} or another --state-dir"
+        )
+    return current
 
 
 def _run_steps(steps: Sequence[tuple[str, Callable[[], bool]]]) -> list[str]:
