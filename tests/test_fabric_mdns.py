@@ -17,4 +17,4 @@ def test_an_agent_finds_the_coordinator_over_mdns(procs: ProcessPool) -> None:  
     elapsed = time.monotonic() - agent.started_at
     assert elapsed <= FOUND_WITHIN_S, f"found after {elapsed:.2f} s\n{agent.describe()}"
     assert member["address"].startswith("127.0.0.1:")
-    assert "looking for a coordinator over mDNS" in agent.stderr()
+    assert "waiting for a coordinator (over mDNS" in agent.stderr()

@@ -79,6 +79,8 @@ class AgentNode:
         )
         self._coordinator: str | None = config.coordinator
         self._wake = threading.Event()
+        self._found_over_mdns: set[str] = set()
+        self._refused: set[str] = set()  # coordinators of other clusters seen over mDNS
         self._fatal: Exception | None = None
         service = AgentService(
             node_id=self.node_id,
@@ -104,7 +106,10 @@ class AgentNode:
         self._wake.set()
 
     def _found(self, ann: Announcement) -> None:
+        if ann.address in self._refused:
+            return
         if self.config.coordinator is None and self._coordinator is None:
+            self._found_over_mdns.add(ann.address)
             self._invited(ann.address)
 
     def status(self) -> pb.AgentStatus:
@@ -150,16 +155,27 @@ class AgentNode:
         return 0
 
     def _membership_loop(self, stop: threading.Event) -> None:
+        waiting_logged = False
         while not stop.is_set():
             address = self._coordinator
             if address is None:
-                log.info("looking for a coordinator over mDNS ...")
+                if not waiting_logged:
+                    how = "over mDNS and " if self.discovery is not None else ""
+                    log.info("waiting for a coordinator (%sinvitations)", how)
+                    waiting_logged = True
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
             channel = open_channel(address, self.config.token, self.config.tls)
             try:
                 self._stay_joined(pb_grpc.CoordinatorStub(channel), stop, address)
+            except AuthenticationError as exc:
+                if address not in self._found_over_mdns:
+                    raise
+                # another cluster's coordinator on the same LAN: keep looking for ours
+                log.error("%s; looking for another coordinator", exc)
+                self._refused.add(address)
+                self._coordinator, waiting_logged = None, False
             finally:
                 channel.close()
 
