@@ -356,7 +356,7 @@ def _pid(cluster: Cluster, service: str) -> int:
 def _check_found_over_mdns(log_path: str, coordinator: str) -> None:
     """The agent, given no address, joined `coordinator` within DISCOVERY_S of browsing."""
     text = Path(log_path).read_text()
-    browsing = _first_line(text, "looking for a coordinator over mDNS")
+    browsing = _first_line(text, "waiting for a coordinator (over mDNS")
     joined = _first_line(text, f"joined the coordinator at {coordinator}")
     assert browsing and joined, f"no mDNS discovery in {log_path}:\n{_tail(Path(log_path))}"
     took_s = (_log_time(joined) - _log_time(browsing)).total_seconds()
