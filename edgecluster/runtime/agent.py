@@ -19,7 +19,7 @@ import torch
 
 from edgecluster import PROTOCOL_VERSION
 from edgecluster.config import AgentConfig
-from edgecluster.device.allocator import tame_allocator
+from edgecluster.device.allocator import fast_allocator, tame_allocator
 from edgecluster.device.profile import default_threads, profile_device
 from edgecluster.errors import AuthenticationError, ProtocolMismatchError
 from edgecluster.net.convert import profile_to_pb, runtime_to_pb
@@ -60,7 +60,10 @@ def reachable_host(bind_host: str, coordinator: str) -> str:
 class AgentNode:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        tame_allocator()  # freed buffers go back to the kernel: --memory-limit is a promise
+        if config.memory_limit_bytes:
+            tame_allocator()  # freed buffers go back to the kernel: the limit is a promise
+        else:
+            fast_allocator()
         torch.set_num_threads(config.threads or default_threads())
         self.node_id = load_node_id(config.data_dir)
         self.profile: DeviceProfile = profile_device(config.data_dir, config.memory_limit_bytes)

@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from edgecluster.config import CoordinatorConfig
+from edgecluster.device.allocator import fast_allocator, tame_allocator
 from edgecluster.device.profile import effective_cpus
 from edgecluster.net.discovery import Announcement, Discovery
 from edgecluster.net.grpc_util import open_channel, start_server
@@ -153,6 +154,10 @@ async def _serve_http(node: CoordinatorNode, stop: threading.Event) -> None:
 
 
 def run_coordinator(config: CoordinatorConfig, stop: threading.Event, on_ready: Any = None) -> int:
+    if config.memory_limit_bytes:
+        tame_allocator()
+    else:
+        fast_allocator()
     node = CoordinatorNode(config)
     try:
         node.start()
