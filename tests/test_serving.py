@@ -53,7 +53,11 @@ class Server:
             env={**os.environ, "EDGE_LOCAL_DATA": str(tmp)},
         )  # fmt: skip
         self.url = f"http://127.0.0.1:{self.http_port}"
-        wait_until(lambda: self.health()[0] == 200, 240, "the model to be served")
+        try:
+            wait_until(lambda: self.health()[0] == 200, 240, "the model to be served")
+        except BaseException:
+            self.stop()  # the fixture's teardown does not run when its setup fails
+            raise
 
     def health(self) -> tuple[int, dict[str, Any]]:
         try:
