@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 import grpc
+import torch
 
 from edgecluster.config import CoordinatorConfig
 from edgecluster.device.allocator import fast_allocator, tame_allocator
@@ -80,6 +81,7 @@ class CoordinatorNode:
             threading.Thread(target=self._invite_peers, name="peers", daemon=True).start()
         if self.config.local_agents:
             threads = max(1, int(effective_cpus()) // (self.config.local_agents + 1))
+            torch.set_num_threads(threads)  # the hub shares the cores with its agents
             self.local.start(
                 self.config.local_agents,
                 coordinator=self.grpc_address,

@@ -1,5 +1,11 @@
 """`--local N`: agents as child processes on 127.0.0.1, stopped with the coordinator.
 
+Local agents share this machine's cores. Each is pinned to one core, round-robin,
+and told its share of that core (`--cpu-share`), so the planner splits the model by
+the compute each agent really gets: with 3 agents on 2 cores, the agent alone on
+its core gets twice the share of each of the two that take turns on the other.
+Equal shares would leave one agent waiting for a core at every allreduce.
+
 Each child is told its parent's pid (EDGE_PARENT_PID) and, first thing, asks the
 kernel to SIGTERM it when that parent dies (`die_with_parent`), so no orphan is
 left even after a SIGKILL. That happens in the child itself, not in a preexec_fn:
@@ -51,15 +57,21 @@ class LocalAgents:
         extra_args: list[str] | None = None,
     ) -> None:
         env = {**os.environ, "EDGE_TOKEN": token, PARENT_ENV: str(os.getpid())}
+        cores = sorted(os.sched_getaffinity(0))
+        placement = [cores[i % len(cores)] for i in range(count)]
         for i in range(count):
             name = f"local-{i}"
             argv = [
                 sys.executable, "-m", "agents.cli", "join", coordinator,
                 "--name", name, "--host", "127.0.0.1", "--no-mdns",
                 "--data-dir", str(data_root / name), "--threads", str(threads),
+                "--cpu-share", f"{1 / placement.count(placement[i]):.4f}",
                 *(extra_args or []),
             ]  # fmt: skip
-            self.procs.append(subprocess.Popen(argv, env=env))
+            proc = subprocess.Popen(argv, env=env)
+            with contextlib.suppress(OSError):  # before it starts its threads, which inherit
+                os.sched_setaffinity(proc.pid, {placement[i]})
+            self.procs.append(proc)
         log.info("started %d local agents", count)
 
     def stop(self, timeout_s: float = 5.0) -> None:
