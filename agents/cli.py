@@ -40,12 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument(
         "--window", type=int, default=0, help="streaming window in blocks (default: auto)"
     )
-    join.add_argument(
-        "--cpu-share",
-        type=float,
-        default=1.0,
-        help="share of its cores this agent gets when it shares the machine (default: 1)",
-    )
     join.add_argument("--no-mdns", action="store_true", help="do not advertise or browse mDNS")
     join.add_argument("--tls-cert", type=Path)
     join.add_argument("--tls-key", type=Path)
@@ -67,7 +61,6 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         mdns=not args.no_mdns,
         threads=args.threads,
         window_blocks=args.window,
-        cpu_share=args.cpu_share,
         tls=TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca),
     )
 

@@ -39,7 +39,6 @@ class AgentConfig:
     mdns: bool = True
     threads: int = 0  # torch threads; 0: from the cores this process may use
     window_blocks: int = 0  # 0: chosen automatically when streaming
-    cpu_share: float = 1.0  # of its cores, when other agents share the machine
     heartbeat_interval_s: float = 0.5
     tls: TlsFiles = field(default_factory=TlsFiles)
 
@@ -53,8 +52,6 @@ class AgentConfig:
             raise ValueError(f"coordinator {self.coordinator!r} must be host:port (grpc port)")
         if self.memory_limit_bytes < 0 or self.threads < 0 or self.window_blocks < 0:
             raise ValueError("--memory-limit, --threads and --window must not be negative")
-        if not 0.0 < self.cpu_share <= 1.0:
-            raise ValueError(f"--cpu-share must be in (0, 1], got {self.cpu_share}")
         if self.window_blocks == 1:
             raise ValueError("--window must be at least 2 (one block computing, one loading)")
 

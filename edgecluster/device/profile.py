@@ -134,9 +134,7 @@ def remember_best(data_dir: Path, **measured: float) -> dict[str, float]:
     return best
 
 
-def profile_device(
-    data_dir: Path, memory_limit_bytes: int = 0, cpu_share: float = 1.0
-) -> DeviceProfile:
+def profile_device(data_dir: Path, memory_limit_bytes: int = 0) -> DeviceProfile:
     mem = psutil.virtual_memory()
     total, available = mem.total, mem.available
     cg_limit = cgroup_memory_limit()
@@ -147,7 +145,6 @@ def profile_device(
     # A quota lets each period run at full speed briefly: scale the burst rate by the
     # share of our threads the quota keeps busy.
     quota_share = min(1.0, quota / torch.get_num_threads()) if quota else 1.0
-    quota_share *= cpu_share  # cores shared with other agents of this machine
     best = remember_best(
         data_dir,
         matmul_gflops_burst=measure_matmul_gflops(),

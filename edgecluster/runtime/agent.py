@@ -66,9 +66,7 @@ class AgentNode:
             fast_allocator()
         torch.set_num_threads(config.threads or default_threads())
         self.node_id = load_node_id(config.data_dir)
-        self.profile: DeviceProfile = profile_device(
-            config.data_dir, config.memory_limit_bytes, config.cpu_share
-        )
+        self.profile: DeviceProfile = profile_device(config.data_dir, config.memory_limit_bytes)
         self.store = ShardStore(config.data_dir)
         self.listener = DataListener(config.host, config.data_port)
         self.sessions = AgentSessions(

@@ -1,10 +1,9 @@
 """`--local N`: agents as child processes on 127.0.0.1, stopped with the coordinator.
 
-Local agents share this machine's cores. Each is pinned to one core, round-robin,
-and told its share of that core (`--cpu-share`), so the planner splits the model by
-the compute each agent really gets: with 3 agents on 2 cores, the agent alone on
-its core gets twice the share of each of the two that take turns on the other.
-Equal shares would leave one agent waiting for a core at every allreduce.
+Local agents share this machine's cores: each is pinned to one core, round-robin,
+so none migrates between cores at every allreduce (measured: 18.7 tok/s pinned vs
+13-18 unpinned for 3 agents on 2 cores). They keep equal shares: weighting by core
+share (2:1:1) held 46% of the layers on one agent and decoded no faster.
 
 Each child is told its parent's pid (EDGE_PARENT_PID) and, first thing, asks the
 kernel to SIGTERM it when that parent dies (`die_with_parent`), so no orphan is
@@ -65,7 +64,6 @@ class LocalAgents:
                 sys.executable, "-m", "agents.cli", "join", coordinator,
                 "--name", name, "--host", "127.0.0.1", "--no-mdns",
                 "--data-dir", str(data_root / name), "--threads", str(threads),
-                "--cpu-share", f"{1 / placement.count(placement[i]):.4f}",
                 *(extra_args or []),
             ]  # fmt: skip
             proc = subprocess.Popen(argv, env=env)
