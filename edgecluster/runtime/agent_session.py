@@ -257,8 +257,9 @@ def choose_agent_window(
         return len(sizes)
     converting = int(max(sizes) * expand) if expand != 1 else 0  # the block being used
     per_block_s = max(sizes) * expand / 4 / (memory.matmul_gflops * 1e9 / 2)
+    slot = max(sizes)  # every slot can come to hold the largest block
     choice = choose_window(
-        block_bytes=list(sizes),
+        block_bytes=[slot] * len(sizes),
         room_bytes=room - converting,
         read_bytes_per_s=memory.read_bytes_per_s,
         compute_s_per_block=per_block_s,

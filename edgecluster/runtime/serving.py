@@ -88,8 +88,9 @@ class ServingCluster:
         self._dtype = getattr(torch, config.dtype)
         self._storage_dtype = config.storage_dtype or config.dtype
         self.hub = HubModel(
-            self.cfg, hub_tensors(self.checkpoint, self.cfg, self._dtype), self._dtype
+            self.cfg, _owned(hub_tensors(self.checkpoint, self.cfg, self._dtype)), self._dtype
         )
+        self.checkpoint.close()  # the hub's tensors are copies: let the file mapping go
         check_hub_memory(config.memory_limit_bytes, self.hub.weight_bytes)
         self._model_id = model_fingerprint(model_dir)
         self._listener = DataListener(config.host, config.data_port)
@@ -355,6 +356,12 @@ class ServingCluster:
         self._listener.close()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+
+
+def _owned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies out of the checkpoint's file mapping, keeping tied tensors tied."""
+    copies: dict[int, torch.Tensor] = {}
+    return {n: copies.setdefault(id(t), t.clone()) for n, t in tensors.items()}
 
 
 def check_hub_memory(limit_bytes: int, hub_weight_bytes: int) -> None:

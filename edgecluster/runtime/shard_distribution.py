@@ -65,6 +65,7 @@ def _chunks(
     for name in blocks:
         layer, kind = int(name.split(".")[1]), name.split(".")[2]
         tensors = slice_block(ckpt, cfg, placement.spec, layer, kind, dtype)
+        ckpt.close()  # unmap: the coordinator holds one block at a time, not the checkpoint
         for tname, tensor in tensors.items():
             for chunk in encode_chunks(tensor, tname):
                 progress(len(chunk.data))
