@@ -35,6 +35,11 @@ def _make_tiny(kind: str, path: Path) -> Path:
     )
     if kind == "llama":
         cfg = LlamaConfig(**common, rope_theta=10000.0)
+    elif kind == "llama3":  # Llama 3's rope_scaling, with a short original context
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32}  # fmt: skip
+        cfg = LlamaConfig(**common, rope_parameters=rope)
     else:
         cfg = Qwen2Config(**common, rope_theta=10000.0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
@@ -82,7 +87,8 @@ def _check(cluster: ParityCluster, model_dir: Path, prompt: list[int]) -> None:
 
 @pytest.mark.parametrize(
     ("kind", "prompt_len"),
-    [("llama", 8), ("qwen2", 70)],  # 70 + 32 tokens outgrow the first KV-cache allocation
+    # 70 + 32 tokens outgrow the first KV-cache allocation and llama3's original context
+    [("llama", 8), ("qwen2", 70), ("llama3", 70)],
 )
 def test_tiny_model_parity(
     cluster: ParityCluster, tmp_path: Path, kind: str, prompt_len: int
