@@ -25,7 +25,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NoReturn
 
 import torch
@@ -359,6 +359,3 @@ class DataListener:
         if not secrets.compare_digest(hello.proof, expected):
             raise refuse("UNAUTHENTICATED: wrong session proof")
         return key, delay_ms
-
-
-Dialer = Callable[..., Link]

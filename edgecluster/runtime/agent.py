@@ -86,7 +86,6 @@ class AgentNode:
         self._refused: set[str] = set()  # coordinators of other clusters seen over mDNS
         self._fatal: Exception | None = None
         service = AgentService(
-            node_id=self.node_id,
             store=self.store,
             on_invite=self._invited,
             sessions=self.sessions,

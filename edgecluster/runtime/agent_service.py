@@ -30,14 +30,12 @@ class AgentService(pb_grpc.AgentServicer):
     def __init__(
         self,
         *,
-        node_id: str,
         store: ShardStore,
         on_invite: Callable[[str], None],
         sessions: AgentSessions,
         status: Callable[[], pb.AgentStatus],
         limits: TensorLimits | None = None,
     ) -> None:
-        self._node_id = node_id
         self._store = store
         self._on_invite = on_invite
         self._sessions = sessions

@@ -10,11 +10,11 @@ supervisor re-plans over the agents that remain; new agents are taken in when id
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import secrets
 import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -350,8 +350,10 @@ class ServingCluster:
         self._stop.set()
         self._need_plan.set()
         comm = self.scheduler.detach("the coordinator is shutting down")
-        self.scheduler.stop()
+        self.scheduler.stop()  # joins the step thread: the links are ours now
         if comm is not None:
+            with contextlib.suppress(EdgeClusterError):
+                self.hub.end(comm)  # agents end the session without reporting a lost hub
             comm.close()
         self._listener.close()
         if self._thread.is_alive():
@@ -396,12 +398,3 @@ def _shard_json(p: AgentPlacement, member: MemberInfo) -> dict[str, Any]:
         "window_blocks": rt.window_blocks if reported else p.window_blocks,
         "read_bytes_per_s": rt.read_bytes_per_s,
     }
-
-
-def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return bool(predicate())
