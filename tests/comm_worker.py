@@ -128,11 +128,18 @@ class _Worker:
 def _op_all_reduce(comm: Communicator, cmd: dict[str, Any]) -> Summary:
     n, shape, dtype, seed = comm.world_size, cmd["shape"], cmd["dtype"], cmd["seed"]
     mine = seeded_input(seed, comm.rank, shape, dtype)
+    # stagger_ms: the last rank contributes first, rank 1 last (reverse arrival order)
+    time.sleep((n - 1 - comm.rank) * cmd.get("stagger_ms", 0.0) / 1e3)
     start = time.monotonic()
     result = comm.all_reduce(mine)
     elapsed = time.monotonic() - start
     inputs = [seeded_input(seed, r, shape, dtype) for r in range(n)]
-    return _summary(result, dtype, _sum_error_ratio(result, inputs), elapsed)
+    out = _summary(result, dtype, _sum_error_ratio(result, inputs), elapsed)
+    rank_order = inputs[0].float()
+    for x in inputs[1:]:
+        rank_order = rank_order + x.float()
+    out["rank_order_exact"] = torch.equal(result, rank_order.to(result.dtype))
+    return out
 
 
 def _op_reduce(comm: Communicator, cmd: dict[str, Any]) -> Summary | None:

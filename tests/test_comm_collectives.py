@@ -81,6 +81,21 @@ def test_all_reduce_of_64_mib_travels_in_chunks(
         assert a["frames"] >= max(2, min_frames), f"rank {rank} received {a['frames']} frames"
 
 
+@pytest.mark.parametrize("num_nodes", (3, 5))
+def test_star_sum_is_in_rank_order_whatever_order_partials_arrive(
+    sessions: Sessions, num_nodes: int
+) -> None:
+    """The hub decodes partials as they arrive but adds them in rank order, so a run's
+    bits do not depend on which agent was fastest."""
+    session = sessions.get(num_nodes)
+    for stagger_ms in (0.0, 20.0):  # 20 ms apart: they arrive last rank first
+        answers = sessions.pool.run(
+            session, "all_reduce", seed=3, shape=(1, 576), dtype="float32", stagger_ms=stagger_ms
+        )
+        check_sum(answers, (1, 576), "float32", f"star {num_nodes} nodes stagger {stagger_ms}")
+        assert all(a["rank_order_exact"] for a in answers), f"stagger {stagger_ms} ms"
+
+
 def test_single_node_session_returns_a_copy(sessions: Sessions) -> None:
     answers = sessions.pool.run(
         sessions.get(1), "all_reduce", seed=5, shape=(7, 143), dtype="bfloat16"

@@ -11,6 +11,7 @@ import secrets
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -19,7 +20,15 @@ import torch
 from edgecluster import PROTOCOL_VERSION
 from edgecluster.errors import AuthenticationError, EdgeClusterError, TensorMessageError
 from edgecluster.net.auth import session_proof
-from edgecluster.net.datachannel import MAX_FRAME_BYTES, DataListener, Link, dial
+from edgecluster.net.codec import encode_chunks
+from edgecluster.net.datachannel import (
+    MAX_FRAME_BYTES,
+    DataListener,
+    Link,
+    default_spin_us,
+    dial,
+    wait_any,
+)
 from edgecluster.net.pb import edgecluster_pb2 as pb
 
 SESSION = "sess-1"
@@ -318,3 +327,84 @@ def test_a_forgotten_session_refuses_new_links(listener: DataListener) -> None:
         client.expect_error_then_close("unknown session 'sess-1'")
     finally:
         client.close()
+
+
+@pytest.fixture
+def link_pairs() -> Iterator[list[tuple[socket.socket, Link]]]:
+    """Three (raw sending socket, receiving Link) pairs over 127.0.0.1 TCP."""
+    pairs: list[tuple[socket.socket, Link]] = []
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        for i in range(3):
+            sender = socket.create_connection(server.getsockname(), timeout=5)
+            conn, _ = server.accept()
+            pairs.append((sender, Link(conn, f"peer {i}", spin_us=200.0 * i)))
+    yield pairs
+    for sender, link in pairs:
+        sender.close()
+        link.close()
+
+
+def _tensor_packet(t: torch.Tensor) -> bytes:
+    (chunk,) = encode_chunks(t)
+    body = pb.Frame(kind=pb.Frame.TENSOR, chunk=chunk).SerializeToString()
+    return _LEN.pack(len(body)) + body
+
+
+def test_reads_that_poll_or_block_get_the_same_tensors_from_split_writes(
+    link_pairs: list[tuple[socket.socket, Link]],
+) -> None:
+    """A frame written in pieces, slowly, arrives whole whether the read polls first
+    (spin 200 and 400 us) or blocks at once (spin 0)."""
+    tensors = [torch.randn(3, 576), torch.arange(10, dtype=torch.int64), torch.randn(1, 1)]
+    for sender, link in link_pairs:
+        data = b"".join(_tensor_packet(t) for t in tensors)
+
+        def write_slowly(sender: socket.socket = sender, data: bytes = data) -> None:
+            for offset in range(0, len(data), 997):
+                sender.sendall(data[offset : offset + 997])
+                time.sleep(0.001)
+
+        writer = threading.Thread(target=write_slowly, daemon=True)
+        writer.start()
+        for expected in tensors:
+            got = link.recv_tensor()
+            assert got.dtype == expected.dtype and torch.equal(got, expected), link.peer
+        writer.join(5)
+
+
+def test_wait_any_returns_only_links_with_a_frame(
+    link_pairs: list[tuple[socket.socket, Link]],
+) -> None:
+    links = [link for _, link in link_pairs]
+    (_, _), (second_sender, second), (third_sender, third) = link_pairs
+    second_sender.sendall(_tensor_packet(torch.ones(2)))
+    assert wait_any(links, spin_ns=0) == [second]
+    assert torch.equal(second.recv_tensor(), torch.ones(2))
+
+    later = threading.Timer(0.05, third_sender.sendall, args=(_tensor_packet(torch.zeros(3)),))
+    later.start()
+    started = time.monotonic()
+    assert wait_any(links, spin_ns=100_000) == [third]  # polls 0.1 ms, then blocks
+    assert time.monotonic() - started >= 0.04
+    assert torch.equal(third.recv_tensor(), torch.zeros(3))
+
+
+def test_a_closed_peer_wakes_wait_any_and_reads_as_lost(
+    link_pairs: list[tuple[socket.socket, Link]],
+) -> None:
+    (first_sender, first), *_ = link_pairs
+    first_sender.close()
+    assert wait_any([link for _, link in link_pairs], spin_ns=0) == [first]
+    with pytest.raises(EdgeClusterError, match="peer 0"):
+        first.recv_tensor()
+
+
+def test_a_bad_spin_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGE_SPIN_US", "fast")
+    with pytest.raises(ValueError, match="EDGE_SPIN_US='fast'"):
+        default_spin_us()
+    monkeypatch.setenv("EDGE_SPIN_US", "-1")
+    with pytest.raises(ValueError, match="must be >= 0"):
+        default_spin_us()
+    monkeypatch.setenv("EDGE_SPIN_US", "0")
+    assert default_spin_us() == 0.0

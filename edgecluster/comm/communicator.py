@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from edgecluster.errors import PeerLostError
-from edgecluster.net.datachannel import DataListener, Link, dial, send_tensor_to
+from edgecluster.net.datachannel import DataListener, Link, dial, send_tensor_to, wait_any
 
 log = logging.getLogger(__name__)
 
@@ -170,10 +170,28 @@ class Communicator:
         if self.rank != dst:
             self._send(tensor, dst)
             return None
+        partials = self._gather_partials(tensor)
         total = tensor.to(torch.float32, copy=True)
-        for peer in self._links:
-            total += self._recv_like(peer, total)
+        for peer in sorted(partials):  # rank order: every run adds the same way
+            total += partials[peer]
         return total.to(tensor.dtype)
+
+    def _gather_partials(self, like: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Every peer's partial, decoded as it arrives.
+
+        Waiting for the first one blocks: the agents are still computing, and a polling
+        hub would take cycles from an agent that shares its core. The rest arrive
+        close together, so waiting for them polls first (see datachannel).
+        """
+        pending = dict(self._links)
+        partials: dict[int, torch.Tensor] = {}
+        while pending:
+            spin_ns = next(iter(pending.values())).spin_ns if partials else 0
+            for link in wait_any(list(pending.values()), spin_ns):
+                peer = next(r for r, candidate in pending.items() if candidate is link)
+                partials[peer] = self._recv_like(peer, like)
+                del pending[peer]
+        return partials
 
     def _abort(self, lost: PeerLostError) -> None:
         """Tells every other peer which rank was lost and closes the links (once)."""

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import secrets
+import select
 import socket
 import struct
 import threading
@@ -48,6 +49,7 @@ _LEN = struct.Struct("<I")
 MAX_FRAME_BYTES = CHUNK_BYTES + (64 << 10)
 HANDSHAKE_TIMEOUT_S = 10.0
 REPORT_TIMEOUT_S = 1.0
+DEFAULT_SPIN_US = 500.0  # how long a read polls before it blocks (EDGE_SPIN_US)
 _LOST_PREFIX = "PEER_LOST "  # ERROR frame: "PEER_LOST <name>\n<detail>", a lost rank
 
 
@@ -72,11 +74,13 @@ class Link:
         *,
         link_delay_ms: float = 0.0,
         limits: TensorLimits = DEFAULT_LIMITS,
+        spin_us: float | None = None,
     ) -> None:
+        spin_us = default_spin_us() if spin_us is None else spin_us
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self.peer = peer
-        self._rfile = sock.makefile("rb", buffering=1 << 18)
+        self._reader = _SocketReader(sock, int(spin_us * 1000))
         self._delay_ns = int(link_delay_ms * 1e6)
         self._limits = limits
         self._send_lock = threading.Lock()
@@ -118,9 +122,18 @@ class Link:
 
     def _read(self, size: int) -> bytes:
         try:
-            return self._rfile.read(size)
+            return self._reader.read(size)
         except (OSError, ValueError) as exc:  # ValueError: read on a closed file
             raise PeerLostError(self.peer, f"receive failed ({exc})") from exc
+
+    def ready(self) -> bool:
+        """Whether a frame has (started to) arrive, so a read would not wait."""
+        return self._reader.ready()
+
+    @property
+    def spin_ns(self) -> int:
+        """How long a read polls before it blocks."""
+        return self._reader.spin_ns
 
     def _refuse(self, message: str) -> NoReturn:
         """Tells the peer what was wrong (INVALID_ARGUMENT), closes, raises."""
@@ -173,6 +186,86 @@ class Link:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+
+
+def default_spin_us() -> float:
+    raw = os.environ.get("EDGE_SPIN_US", "") or str(DEFAULT_SPIN_US)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"EDGE_SPIN_US={raw!r} is not a number of microseconds") from None
+    if value < 0:
+        raise ValueError(f"EDGE_SPIN_US must be >= 0, got {value}")
+    return value
+
+
+class _SocketReader:
+    """Buffered exact reads from a socket that poll before they block.
+
+    A decode step waits dozens of times for a frame that is a few hundred microseconds
+    away. Blocking at once lets the core go idle, and waking an idle core costs tens
+    of microseconds (about 43 us against 6 us measured here, in a VM). So a read first
+    polls for up to `spin_ns`, giving the core away at each turn (sched_yield) so a
+    process that shares it loses little, then blocks.
+    """
+
+    def __init__(self, sock: socket.socket, spin_ns: int, buffer_bytes: int = 1 << 18) -> None:
+        self._sock = sock
+        self._view = memoryview(bytearray(buffer_bytes))
+        self._start = self._end = 0
+        self._poller = select.poll()
+        self._poller.register(sock, select.POLLIN)
+        self.spin_ns = spin_ns
+
+    def read(self, size: int) -> bytes:
+        """Exactly `size` bytes, or fewer when the peer closed the stream."""
+        out = bytearray()
+        while True:
+            take = min(size - len(out), self._end - self._start)
+            if take:
+                out += self._view[self._start : self._start + take]
+                self._start += take
+            if len(out) == size:
+                return bytes(out)
+            self._start = self._end = 0
+            self.spin(self.spin_ns)
+            got = self._sock.recv_into(self._view)
+            if got == 0:
+                return bytes(out)
+            self._end = got
+
+    def ready(self) -> bool:
+        """Whether a read can start without blocking (buffered bytes or a readable socket)."""
+        return self._end > self._start or bool(self._poller.poll(0))
+
+    def spin(self, budget_ns: int) -> bool:
+        """Polls for up to `budget_ns`, yielding the core between polls; True once readable."""
+        if budget_ns <= 0:
+            return False
+        deadline = time.monotonic_ns() + budget_ns
+        while not self._poller.poll(0):
+            if time.monotonic_ns() > deadline:
+                return False
+            os.sched_yield()
+        return True
+
+
+def wait_any(links: Sequence[Link], spin_ns: int) -> list[Link]:
+    """The links a frame can be read from now; waits (polls for up to `spin_ns`, then
+    blocks) until there is at least one."""
+    ready = [link for link in links if link.ready()]
+    if ready:
+        return ready
+    poller = select.poll()
+    for link in links:
+        poller.register(link.sock, select.POLLIN)
+    deadline = time.monotonic_ns() + spin_ns
+    while True:
+        events = poller.poll(0 if time.monotonic_ns() < deadline else None)
+        if events:
+            fds = {fd for fd, _ in events}
+            return [link for link in links if link.sock.fileno() in fds]
+        os.sched_yield()
 
 
 def _packet(frame: pb.Frame) -> bytes:
