@@ -19,6 +19,7 @@ from edgecluster.device.emulated import (
     cleanup_stale,
     main,
 )
+from edgecluster.device.profile import cgroup_cpu_quota
 
 REASON = available()
 
@@ -86,6 +87,22 @@ def test_cpu_quota_limits_a_busy_loop() -> None:
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     assert cpu_s < 0.4, f"used {cpu_s:.2f} s of CPU under a 0.25-CPU quota"
+
+
+@needs_cgroups
+def test_reads_do_not_poll_under_a_cpu_quota() -> None:
+    """Polling before a blocking read would spend an emulated device's CPU quota."""
+    probe = "from edgecluster.net.datachannel import default_spin_us; print(default_spin_us())"
+    env = {k: v for k, v in os.environ.items() if k != "EDGE_SPIN_US"}
+    with EmulatedDevice(PREFIX + "spin", DeviceLimits(cpus=0.5)) as device:
+        proc = device.popen([sys.executable, "-c", probe], stdout=subprocess.PIPE, env=env)
+        out, _ = proc.communicate(timeout=60)
+    assert float(out) == 0.0
+    free = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True
+    )
+    if cgroup_cpu_quota() is None:  # this test itself may run under a quota
+        assert float(free.stdout) > 0.0, "without a quota reads poll first"
 
 
 @needs_cgroups

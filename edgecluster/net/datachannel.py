@@ -32,6 +32,7 @@ from typing import NoReturn
 import torch
 
 from edgecluster import PROTOCOL_VERSION
+from edgecluster.device.profile import cgroup_cpu_quota
 from edgecluster.errors import AuthenticationError, PeerLostError, TensorMessageError
 from edgecluster.net.auth import session_proof
 from edgecluster.net.codec import (
@@ -189,7 +190,11 @@ class Link:
 
 
 def default_spin_us() -> float:
-    raw = os.environ.get("EDGE_SPIN_US", "") or str(DEFAULT_SPIN_US)
+    """EDGE_SPIN_US, else DEFAULT_SPIN_US, else 0 under a cgroup CPU quota (polling
+    would spend the quota that compute needs)."""
+    raw = os.environ.get("EDGE_SPIN_US", "")
+    if not raw:
+        return 0.0 if cgroup_cpu_quota() else DEFAULT_SPIN_US
     try:
         value = float(raw)
     except ValueError:
