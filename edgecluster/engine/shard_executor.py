@@ -42,8 +42,8 @@ class StepContext:
     """What every layer of one step shares: its segments and their rotary tables."""
 
     segments: list[tuple[int, int, int]]  # (seq_id, start_pos, num_tokens) in token order
-    cos: torch.Tensor  # [T, head_dim]
-    sin: torch.Tensor
+    cos: torch.Tensor  # [T, 1, head_dim]
+    sin: torch.Tensor  # signed (see RotaryTable)
 
 
 class ShardExecutor:
