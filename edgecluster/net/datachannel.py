@@ -54,15 +54,23 @@ DEFAULT_SPIN_US = 500.0  # how long a read polls before it blocks (EDGE_SPIN_US)
 _LOST_PREFIX = "PEER_LOST "  # ERROR frame: "PEER_LOST <name>\n<detail>", a lost rank
 
 
-def default_link_delay_ms() -> float:
-    raw = os.environ.get("EDGE_LINK_DELAY_MS", "0") or "0"
+def _env_amount(name: str, unit: str) -> float | None:
+    """A non-negative number from the environment, None when unset or empty."""
+    raw = os.environ.get(name, "")
+    if not raw:
+        return None
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"EDGE_LINK_DELAY_MS={raw!r} is not a number of milliseconds") from None
+        raise ValueError(f"{name}={raw!r} is not a number of {unit}") from None
     if value < 0:
-        raise ValueError(f"EDGE_LINK_DELAY_MS must be >= 0, got {value}")
+        raise ValueError(f"{name} must be >= 0, got {value}")
     return value
+
+
+def default_link_delay_ms() -> float:
+    value = _env_amount("EDGE_LINK_DELAY_MS", "milliseconds")
+    return 0.0 if value is None else value
 
 
 class Link:
@@ -192,15 +200,9 @@ class Link:
 def default_spin_us() -> float:
     """EDGE_SPIN_US, else DEFAULT_SPIN_US, else 0 under a cgroup CPU quota (polling
     would spend the quota that compute needs)."""
-    raw = os.environ.get("EDGE_SPIN_US", "")
-    if not raw:
+    value = _env_amount("EDGE_SPIN_US", "microseconds")
+    if value is None:
         return 0.0 if cgroup_cpu_quota() else DEFAULT_SPIN_US
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"EDGE_SPIN_US={raw!r} is not a number of microseconds") from None
-    if value < 0:
-        raise ValueError(f"EDGE_SPIN_US must be >= 0, got {value}")
     return value
 
 
