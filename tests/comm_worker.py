@@ -42,7 +42,7 @@ Summary = dict[str, Any]
 @dataclass
 class _Session:
     comm: Communicator
-    frames: list[int] = field(default_factory=lambda: [0])
+    tensors: list[int] = field(default_factory=lambda: [0])
 
 
 def seeded_input(seed: int, rank: int, shape: Sequence[int], dtype: str) -> torch.Tensor:
@@ -77,15 +77,15 @@ def _summary(result: torch.Tensor, expected_dtype: str, ratio: float, elapsed: f
     }
 
 
-def _count_frames(link: Link, counter: list[int]) -> None:
-    """Counts the frames `link` receives (instance attribute shadows the method)."""
-    inner = link.recv_frame
+def _count_tensors(link: Link, counter: list[int]) -> None:
+    """Counts the tensors `link` receives (instance attribute shadows the method)."""
+    inner = link.recv_tensor
 
     def counted() -> Any:
         counter[0] += 1
         return inner()
 
-    link.recv_frame = counted  # type: ignore[method-assign]
+    link.recv_tensor = counted  # type: ignore[method-assign]
 
 
 class _Worker:
@@ -109,15 +109,15 @@ class _Worker:
         session = _Session(Communicator.connect(config, self.listener))
         for peer in range(config.world_size):
             if peer != config.rank:
-                _count_frames(session.comm.link(peer), session.frames)
+                _count_tensors(session.comm.link(peer), session.tensors)
         self.sessions[cmd["session"]] = session
 
     def run(self, cmd: dict[str, Any]) -> Summary | None:
         session = self.sessions[cmd["session"]]
-        session.frames[0] = 0
+        session.tensors[0] = 0
         out = _OPS[cmd["op"]](session.comm, cmd)
         if out is not None:
-            out["frames"] = session.frames[0]
+            out["tensors"] = session.tensors[0]
         return out
 
     def close(self, cmd: dict[str, Any]) -> None:

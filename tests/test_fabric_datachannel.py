@@ -18,15 +18,21 @@ import pytest
 import torch
 
 from edgecluster import PROTOCOL_VERSION
-from edgecluster.errors import AuthenticationError, EdgeClusterError, TensorMessageError
+from edgecluster.errors import (
+    AuthenticationError,
+    EdgeClusterError,
+    PeerLostError,
+    TensorMessageError,
+)
 from edgecluster.net.auth import session_proof
-from edgecluster.net.codec import encode_chunks
+from edgecluster.net.codec import DTYPE_CODES, parse_raw_header
 from edgecluster.net.datachannel import (
     MAX_FRAME_BYTES,
     DataListener,
     Link,
     default_spin_us,
     dial,
+    tensor_packet,
     wait_any,
 )
 from edgecluster.net.pb import edgecluster_pb2 as pb
@@ -34,6 +40,7 @@ from edgecluster.net.pb import edgecluster_pb2 as pb
 SESSION = "sess-1"
 KEY = secrets.token_bytes(32)
 _LEN = struct.Struct("<I")
+CONTROL, TENSOR = 0, 1  # the frame type byte after the length
 
 
 @pytest.fixture
@@ -58,16 +65,24 @@ class RawClient:
         self.sock.sendall(data)
 
     def send_frame(self, frame: pb.Frame) -> None:
-        body = frame.SerializeToString()
-        self.sock.sendall(_LEN.pack(len(body)) + body)
+        self.sock.sendall(_control(frame))
 
-    def read_frame(self) -> pb.Frame | None:
-        """The next frame, or None once the server closed the connection."""
+    def read_message(self) -> tuple[int, bytes] | None:
+        """(frame type, the bytes after it), or None once the server closed."""
         head = self._read_exactly(4)
         if head is None:
             return None
         body = self._read_exactly(_LEN.unpack(head)[0])
-        assert body is not None, "connection closed mid-frame"
+        assert body is not None and body, "connection closed mid-frame"
+        return body[0], body[1:]
+
+    def read_frame(self) -> pb.Frame | None:
+        """The next control frame, or None once the server closed the connection."""
+        message = self.read_message()
+        if message is None:
+            return None
+        kind, body = message
+        assert kind == CONTROL, f"expected a control frame, got type {kind}"
         frame = pb.Frame()
         frame.ParseFromString(body)
         return frame
@@ -98,6 +113,9 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+    def read_exactly(self, size: int) -> bytes | None:
+        return self._read_exactly(size)
 
     def _read_exactly(self, size: int) -> bytes | None:
         data = b""
@@ -164,7 +182,7 @@ def _other_protocol(c: RawClient, nonce: bytes) -> None:
 
 
 def _tensor_before_hello(c: RawClient, nonce: bytes) -> None:
-    c.send_frame(pb.Frame(kind=pb.Frame.TENSOR))
+    c.send_bytes(_tensor_packet(torch.ones(2)))
 
 
 BAD_HANDSHAKES = {
@@ -178,7 +196,7 @@ BAD_HANDSHAKES = {
         _other_protocol,
         [f"protocol version {PROTOCOL_VERSION + 1}", f"this node's {PROTOCOL_VERSION}"],
     ),
-    "tensor-before-hello": (_tensor_before_hello, ["expected HELLO"]),
+    "tensor-before-hello": (_tensor_before_hello, ["expected a control frame, got a tensor"]),
 }
 
 
@@ -208,9 +226,11 @@ def test_a_correct_raw_handshake_is_welcomed_with_the_servers_proof(listener: Da
         assert welcome.proof == _proof(nonce, 3, b"server")  # the server knows the key too
         link = listener.take(SESSION, 3, timeout_s=5)
         link.send_tensor(torch.tensor([1.5, -2.0]))
-        frame = client.read_frame()
-        assert frame is not None and frame.kind == pb.Frame.TENSOR
-        assert (frame.chunk.dtype, list(frame.chunk.shape)) == ("float32", [2])
+        message = client.read_message()
+        assert message is not None and message[0] == TENSOR
+        dtype, shape, _ = parse_raw_header(message[1])
+        assert (dtype, shape) == (torch.float32, [2])
+        assert client.read_exactly(8) == struct.pack("<2f", 1.5, -2.0)  # the bytes follow
         link.close()
     finally:
         client.close()
@@ -233,37 +253,52 @@ def test_a_silent_client_does_not_hold_up_others(listener: DataListener) -> None
         idle.close()
 
 
-def _framed(*frames: pb.Frame) -> bytes:
-    return b"".join(_LEN.pack(len(b)) + b for b in (f.SerializeToString() for f in frames))
+def _control(frame: pb.Frame) -> bytes:
+    body = bytes([CONTROL]) + frame.SerializeToString()
+    return _LEN.pack(len(body)) + body
 
 
-def _tensor_frame(dtype: str, shape: list[int], data: bytes, offset: int = 0) -> pb.Frame:
-    chunk = pb.TensorChunk(dtype=dtype, shape=shape, data=data, offset=offset)
-    return pb.Frame(kind=pb.Frame.TENSOR, chunk=chunk)
+def _raw_tensor(code: int, dims: list[int], ndim: int | None = None, payload: bytes = b"") -> bytes:
+    """A tensor frame as a peer could write it: any dtype code, dims and ndim claim."""
+    ndim = len(dims) if ndim is None else ndim
+    header = struct.pack("<BBq", code, ndim, time.monotonic_ns()) + struct.pack(
+        f"<{len(dims)}q", *dims
+    )
+    return _LEN.pack(1 + len(header)) + bytes([TENSOR]) + header + payload
 
+
+FLOAT32 = DTYPE_CODES.index("float32")
 
 BAD_FRAMES = {
     "oversized": (
         _LEN.pack(MAX_FRAME_BYTES + 1),
         ["INVALID_ARGUMENT", f"exceeds the limit {MAX_FRAME_BYTES}"],
     ),
-    "garbage": (_LEN.pack(4) + b"\xff" * 4, ["INVALID_ARGUMENT", "undecodable frame"]),
+    "garbage": (_LEN.pack(4) + b"\xff" * 4, ["INVALID_ARGUMENT", "undecodable frame", "type ff"]),
+    "garbage-control": (
+        _LEN.pack(5) + bytes([CONTROL]) + b"\xff" * 4,
+        ["INVALID_ARGUMENT", "undecodable frame"],
+    ),
     "unknown-dtype": (
-        _framed(_tensor_frame("complex64", [2], bytes(16))),
-        ["INVALID_ARGUMENT", "unknown dtype 'complex64'"],
+        _raw_tensor(len(DTYPE_CODES), [2], payload=bytes(16)),
+        ["INVALID_ARGUMENT", f"unknown dtype code {len(DTYPE_CODES)}"],
     ),
-    "bytes-beyond-shape": (
-        _framed(_tensor_frame("float32", [3], bytes(13))),
-        ["INVALID_ARGUMENT", "fall outside the 12 bytes"],
+    "dims-missing": (
+        _raw_tensor(FLOAT32, [2, 3], ndim=3, payload=bytes(24)),
+        ["INVALID_ARGUMENT", "does not hold the 3 dims it declares"],
     ),
-    "mixed-chunks": (
-        _framed(
-            _tensor_frame("float32", [3], bytes(11)),
-            _tensor_frame("float32", [4], bytes(4), offset=11),
-        ),
-        ["INVALID_ARGUMENT", "does not continue tensor"],
+    "negative-dim": (
+        _raw_tensor(FLOAT32, [2, -3]),
+        ["INVALID_ARGUMENT", "negative dimension in shape", "-3"],
     ),
-    "not-a-tensor": (_framed(pb.Frame(kind=pb.Frame.HELLO)), ["expected a TENSOR frame"]),
+    "too-many-elements": (
+        _raw_tensor(FLOAT32, [1 << 20, 1 << 20]),
+        ["INVALID_ARGUMENT", "over the limit"],
+    ),
+    "not-a-tensor": (
+        _control(pb.Frame(kind=pb.Frame.HELLO)),
+        ["expected a tensor, got a control frame"],
+    ),
 }
 
 
@@ -345,9 +380,8 @@ def link_pairs() -> Iterator[list[tuple[socket.socket, Link]]]:
 
 
 def _tensor_packet(t: torch.Tensor) -> bytes:
-    (chunk,) = encode_chunks(t)
-    body = pb.Frame(kind=pb.Frame.TENSOR, chunk=chunk).SerializeToString()
-    return _LEN.pack(len(body)) + body
+    head, payload = tensor_packet(t)
+    return head + payload
 
 
 def test_reads_that_poll_or_block_get_the_same_tensors_from_split_writes(
@@ -408,3 +442,39 @@ def test_a_bad_spin_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch) 
         default_spin_us()
     monkeypatch.setenv("EDGE_SPIN_US", "0")
     assert default_spin_us() == 0.0
+
+
+def test_tensors_of_every_dtype_and_size_arrive_whole(listener: DataListener) -> None:
+    """Small tensors go out in one write with their header, large ones (a 2048-token
+    prefill) without a copy; the receiver reads each into a fresh tensor."""
+    client, server = _dial_and_take(listener)
+    tensors = [
+        torch.randn(2048, 576),
+        torch.randn(3, 5).to(torch.bfloat16),
+        torch.tensor(7),
+        torch.empty(0, 4),
+        torch.arange(12).reshape(3, 4).t(),  # not contiguous
+        torch.randn(1, 576).half(),
+    ]
+    sender = threading.Thread(target=lambda: [client.send_tensor(t) for t in tensors])
+    sender.start()
+    try:
+        for expected in tensors:
+            got = server.recv_tensor()
+            assert got.dtype == expected.dtype and got.shape == expected.shape
+            assert torch.equal(got, expected)
+    finally:
+        sender.join(5)
+        client.close()
+        server.close()
+
+
+def test_a_peer_that_closes_mid_tensor_reads_as_lost(
+    link_pairs: list[tuple[socket.socket, Link]],
+) -> None:
+    (sender, link), *_ = link_pairs
+    head, payload = tensor_packet(torch.randn(100))
+    sender.sendall(head + payload[:200])  # 200 of the 400 bytes the header promises
+    sender.close()
+    with pytest.raises(PeerLostError, match="closed mid-tensor"):
+        link.recv_tensor()

@@ -1,14 +1,22 @@
-"""The data channel: kept TCP links carrying length-prefixed protobuf Frames.
+"""The data channel: kept TCP links carrying length-prefixed frames.
 
 gRPC costs about 1 ms per unary round trip in Python; a decode step needs dozens of
 collectives, so tensors of a session travel here instead. A session is negotiated
 over authenticated gRPC (id, per-session key, endpoints); each link then proves the
 key with an HMAC challenge-response in both directions before any tensor moves.
 
-Frames: 4-byte little-endian length, then a serialized `Frame`. A frame over the
-limit, a bad tensor chunk or a failed proof ends that link with an ERROR frame;
-the listener keeps serving others. A rank that loses a peer tells the rest with an
-ERROR frame naming the lost rank (`Link.report_lost`), so nobody waits forever.
+Frames: a 4-byte little-endian length, then that many bytes whose first is the type:
+- CONTROL (0): a serialized protobuf `Frame` (handshake, ERROR, BYE);
+- TENSOR (1): a raw tensor header (dtype code, dims, send time; see codec), followed
+  by the tensor's numel * itemsize bytes, which the length does not count. They are
+  read straight into the new tensor's memory once the header has been checked.
+Raw tensor frames cost a third of a protobuf message per tensor (no message to build,
+serialize, parse or copy out of), and a decode step sends hundreds of them.
+
+A frame over the limit, a bad tensor header or a failed proof ends that link with an
+ERROR frame; the listener keeps serving others. A rank that loses a peer tells the
+rest with an ERROR frame naming the lost rank (`Link.report_lost`), so nobody waits
+forever.
 
 An optional per-link delay (`link_delay_ms`, default from EDGE_LINK_DELAY_MS)
 emulates a slow link: the receiver holds each frame until `sent_at + delay`, so the
@@ -36,18 +44,20 @@ from edgecluster.device.profile import cgroup_cpu_quota
 from edgecluster.errors import AuthenticationError, PeerLostError, TensorMessageError
 from edgecluster.net.auth import session_proof
 from edgecluster.net.codec import (
-    CHUNK_BYTES,
     DEFAULT_LIMITS,
-    TensorAssembler,
     TensorLimits,
-    encode_chunks,
+    parse_raw_header,
+    raw_header,
+    tensor_bytes,
 )
 from edgecluster.net.pb import edgecluster_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 _LEN = struct.Struct("<I")
-MAX_FRAME_BYTES = CHUNK_BYTES + (64 << 10)
+_CONTROL, _TENSOR = b"\x00", b"\x01"  # frame types (the first byte after the length)
+MAX_FRAME_BYTES = 64 << 10  # a control frame or a tensor header (a tensor's bytes follow)
+_COALESCE_BYTES = 64 << 10  # tensors up to this size go out as one write with their header
 HANDSHAKE_TIMEOUT_S = 10.0
 REPORT_TIMEOUT_S = 1.0
 DEFAULT_SPIN_US = 500.0  # how long a read polls before it blocks (EDGE_SPIN_US)
@@ -98,15 +108,24 @@ class Link:
     def send_frame(self, frame: pb.Frame) -> None:
         self.send_packet(_packet(frame))
 
-    def send_packet(self, packet: bytes) -> None:
-        """Sends one length-prefixed frame made by `_packet` (shared by a fan-out)."""
+    def send_packet(self, *parts: bytes | memoryview) -> None:
+        """Writes pieces of encoded frames in order, with no other frame between them
+        (a fan-out encodes once and sends the same pieces on every link)."""
         try:
             with self._send_lock:
-                self.sock.sendall(packet)
+                for part in parts:
+                    self.sock.sendall(part)
         except OSError as exc:
             raise PeerLostError(self.peer, f"send failed ({exc})") from exc
 
     def recv_frame(self) -> pb.Frame:
+        """The next control frame (an ERROR frame raises what it reports)."""
+        message = self._recv_message()
+        if isinstance(message, torch.Tensor):
+            self._refuse(f"expected a control frame, got a tensor {list(message.shape)}")
+        return message
+
+    def _recv_message(self) -> pb.Frame | torch.Tensor:
         head = self._read(4)
         if len(head) < 4:
             raise PeerLostError(self.peer, "connection closed")
@@ -116,18 +135,44 @@ class Link:
         body = self._read(size)
         if len(body) < size:
             raise PeerLostError(self.peer, "connection closed mid-frame")
+        kind = body[:1]
+        if kind == _TENSOR:
+            return self._recv_tensor_payload(memoryview(body)[1:])
+        if kind != _CONTROL:
+            self._refuse(f"undecodable frame (type {body[:1].hex() or 'missing'})")
         frame = pb.Frame()
         try:
-            frame.ParseFromString(body)
+            frame.ParseFromString(body[1:])
         except Exception as exc:  # protobuf raises DecodeError, a plain Exception subclass
             self._refuse(f"undecodable frame ({exc})")
         if frame.kind == pb.Frame.ERROR:
             raise _reported_error(self.peer, frame.message)
+        self._hold_until(frame.sent_at_ns)
+        return frame
+
+    def _recv_tensor_payload(self, header: memoryview) -> torch.Tensor:
+        try:
+            dtype, shape, sent_at_ns = parse_raw_header(header, self._limits)
+        except TensorMessageError as exc:
+            self._refuse(str(exc))
+        tensor = torch.empty(shape, dtype=dtype)
+        if tensor.numel():
+            into = tensor.view(-1).view(torch.uint8).numpy().data
+            try:
+                complete = self._reader.read_into(into)
+            except (OSError, ValueError) as exc:
+                raise PeerLostError(self.peer, f"receive failed ({exc})") from exc
+            if not complete:
+                raise PeerLostError(self.peer, "connection closed mid-tensor")
+        self._hold_until(sent_at_ns)
+        return tensor
+
+    def _hold_until(self, sent_at_ns: int) -> None:
+        """Emulated link delay: a frame is readable `link_delay_ms` after it was sent."""
         if self._delay_ns:
-            wait_ns = frame.sent_at_ns + self._delay_ns - time.monotonic_ns()
+            wait_ns = sent_at_ns + self._delay_ns - time.monotonic_ns()
             if wait_ns > 0:
                 time.sleep(wait_ns / 1e9)
-        return frame
 
     def _read(self, size: int) -> bytes:
         try:
@@ -156,19 +201,12 @@ class Link:
         send_tensor_to([self], t)
 
     def recv_tensor(self) -> torch.Tensor:
-        assembler = TensorAssembler(self._limits)
-        while True:
-            frame = self.recv_frame()
-            if frame.kind == pb.Frame.BYE:
-                raise PeerLostError(self.peer, "peer ended the session")
-            if frame.kind != pb.Frame.TENSOR:
-                self._refuse(f"expected a TENSOR frame, got kind {frame.kind}")
-            try:
-                tensor = assembler.add(frame.chunk)
-            except TensorMessageError as exc:
-                self._refuse(str(exc))
-            if tensor is not None:
-                return tensor
+        message = self._recv_message()
+        if isinstance(message, torch.Tensor):
+            return message
+        if message.kind == pb.Frame.BYE:
+            raise PeerLostError(self.peer, "peer ended the session")
+        self._refuse(f"expected a tensor, got a control frame of kind {message.kind}")
 
     def report_lost(self, lost: PeerLostError) -> None:
         """Best effort: tells this peer which rank was lost, then closes the link.
@@ -244,6 +282,20 @@ class _SocketReader:
                 return bytes(out)
             self._end = got
 
+    def read_into(self, into: memoryview) -> bool:
+        """Fills `into` exactly (buffered bytes first, then straight from the socket);
+        False when the peer closed the stream first."""
+        size, filled = len(into), min(len(into), self._end - self._start)
+        into[:filled] = self._view[self._start : self._start + filled]
+        self._start += filled
+        while filled < size:
+            self.spin(self.spin_ns)
+            got = self._sock.recv_into(into[filled:])
+            if got == 0:
+                return False
+            filled += got
+        return True
+
     def ready(self) -> bool:
         """Whether a read can start without blocking (buffered bytes or a readable socket)."""
         return self._end > self._start or bool(self._poller.poll(0))
@@ -279,24 +331,28 @@ def wait_any(links: Sequence[Link], spin_ns: int) -> list[Link]:
 
 
 def _packet(frame: pb.Frame) -> bytes:
-    """`frame`, stamped with the send time, serialized and length-prefixed."""
+    """A control frame, stamped with the send time, serialized and length-prefixed."""
     frame.sent_at_ns = time.monotonic_ns()
     body = frame.SerializeToString()
-    return _LEN.pack(len(body)) + body
+    return _LEN.pack(1 + len(body)) + _CONTROL + body
+
+
+def tensor_packet(t: torch.Tensor) -> tuple[bytes, memoryview]:
+    """A tensor frame: its length-prefixed header, and the bytes that follow it."""
+    t = t.detach().contiguous()
+    header = raw_header(t, time.monotonic_ns())
+    return _LEN.pack(1 + len(header)) + _TENSOR + header, tensor_bytes(t)
 
 
 def send_tensor_to(links: Sequence[Link], t: torch.Tensor) -> None:
-    """Sends `t` on every link in turn. A tensor that fits one frame is encoded once
-    for all of them (the hub's fan-out); larger ones stream chunk by chunk per link."""
-    if t.numel() * t.element_size() <= CHUNK_BYTES:
-        (chunk,) = encode_chunks(t)
-        packet = _packet(pb.Frame(kind=pb.Frame.TENSOR, chunk=chunk))
-        for link in links:
-            link.send_packet(packet)
-        return
+    """Sends `t` on every link in turn, encoded once (the hub's fan-out). A small
+    tensor goes out with its header in one write; a large one is not copied."""
+    head, payload = tensor_packet(t)
+    parts: tuple[bytes | memoryview, ...] = (head, payload)
+    if len(payload) <= _COALESCE_BYTES:
+        parts = (head + payload,)
     for link in links:
-        for chunk in encode_chunks(t):
-            link.send_frame(pb.Frame(kind=pb.Frame.TENSOR, chunk=chunk))
+        link.send_packet(*parts)
 
 
 def _reported_error(via: str, message: str) -> PeerLostError:
