@@ -80,6 +80,17 @@ class CoordinatorProcess:
         return "its log ends:\n" + "\n".join(lines)
 
 
+def sse_events(resp: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
+    """The JSON payloads of a server-sent event stream, as they arrive."""
+    while line := resp.readline():
+        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+            continue
+        event = json.loads(line[len(b"data: ") :])
+        if "error" in event:
+            raise RuntimeError(f"the stream failed: {event['error']}")
+        yield event
+
+
 def cmdline_flag(argv: list[str], flag: str) -> str:
     """The value after `flag` in a command line, or "" when it is absent."""
     return argv[argv.index(flag) + 1] if flag in argv[:-1] else ""

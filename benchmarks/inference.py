@@ -32,15 +32,13 @@ the last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import os
 import signal
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +46,13 @@ from typing import Any
 
 import torch
 from common import format_table, machine_info, peak_rss_bytes, print_json_last
-from coordinator_process import CoordinatorProcess, ServeOptions, cmdline_flag, serve_coordinator
+from coordinator_process import (
+    CoordinatorProcess,
+    ServeOptions,
+    cmdline_flag,
+    serve_coordinator,
+    sse_events,
+)
 
 from edgecluster.weights.checkpoint import Checkpoint
 from edgecluster.weights.models import DEFAULT_MODEL, default_cache_dir, resolve_model
@@ -139,17 +143,6 @@ def stream_completion(server: CoordinatorProcess, prompt: list[int]) -> Run:
     if num_tokens < 2 or not end:
         raise RuntimeError(f"the stream gave {num_tokens} tokens and no finish; cannot time it")
     return Run(ttft_s=first - start, decode_s=end - first, num_tokens=num_tokens)
-
-
-def sse_events(resp: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
-    """The JSON payloads of a server-sent event stream, as they arrive."""
-    while line := resp.readline():
-        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-            continue
-        event = json.loads(line[len(b"data: ") :])
-        if "error" in event:
-            raise RuntimeError(f"the stream failed: {event['error']}")
-        yield event
 
 
 def agents_by_name(view: dict[str, Any]) -> list[dict[str, Any]]:

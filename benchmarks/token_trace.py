@@ -9,7 +9,6 @@ first and the last token.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Any
 
 import psutil
 from common import spread
-from coordinator_process import CoordinatorProcess
+from coordinator_process import CoordinatorProcess, sse_events
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,12 +67,7 @@ def trace_completion(
     text = ""
     first: dict[str, int] = {}
     last: dict[str, int] = {}
-    while line := resp.readline():
-        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-            continue
-        event = json.loads(line[len(b"data: ") :])
-        if "error" in event:
-            raise RuntimeError(f"the stream failed: {event['error']}")
+    for event in sse_events(resp):
         delta = "".join(c.get("text", "") for c in event.get("choices", []))
         if delta:
             times.append(time.perf_counter() - start)
