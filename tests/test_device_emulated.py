@@ -92,7 +92,7 @@ def test_cpu_quota_limits_a_busy_loop() -> None:
 @needs_cgroups
 def test_reads_do_not_poll_under_a_cpu_quota() -> None:
     """Polling before a blocking read would spend an emulated device's CPU quota."""
-    probe = "from edgecluster.net.datachannel import default_spin_us; print(default_spin_us())"
+    probe = "from edgecluster.net.polling_reader import default_spin_us; print(default_spin_us())"
     env = {k: v for k, v in os.environ.items() if k != "EDGE_SPIN_US"}
     with EmulatedDevice(PREFIX + "spin", DeviceLimits(cpus=0.5)) as device:
         proc = device.popen([sys.executable, "-c", probe], stdout=subprocess.PIPE, env=env)

@@ -30,12 +30,12 @@ from edgecluster.net.datachannel import (
     MAX_FRAME_BYTES,
     DataListener,
     Link,
-    default_spin_us,
     dial,
     tensor_packet,
     wait_any,
 )
 from edgecluster.net.pb import edgecluster_pb2 as pb
+from edgecluster.net.polling_reader import default_spin_us
 
 SESSION = "sess-1"
 KEY = secrets.token_bytes(32)

@@ -181,7 +181,7 @@ class Communicator:
 
         Waiting for the first one blocks: the agents are still computing, and a polling
         hub would take cycles from an agent that shares its core. The rest arrive
-        close together, so waiting for them polls first (see datachannel).
+        close together, so waiting for them polls first (see polling_reader).
         """
         pending = dict(self._links)
         partials: dict[int, torch.Tensor] = {}
