@@ -73,6 +73,7 @@ def member_to_pb(m: MemberInfo) -> pb.Member:
         state=m.state,
         profile=profile_to_pb(m.profile),
         last_seen_s_ago=m.last_seen_s_ago,
+        runtime=runtime_to_pb(m.runtime, m.id),
     )
 
 
@@ -85,6 +86,7 @@ def member_from_pb(m: pb.Member) -> MemberInfo:
         state=m.state,
         profile=profile_from_pb(m.profile),
         last_seen_s_ago=m.last_seen_s_ago,
+        runtime=runtime_from_pb(m.runtime),
     )
 
 

@@ -96,20 +96,22 @@ class LeaveRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ...) -> None: ...
 
 class Member(_message.Message):
-    __slots__ = ("id", "name", "address", "state", "profile", "last_seen_s_ago")
+    __slots__ = ("id", "name", "address", "state", "profile", "last_seen_s_ago", "runtime")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_S_AGO_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     address: str
     state: str
     profile: DeviceProfile
     last_seen_s_ago: float
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., last_seen_s_ago: _Optional[float] = ...) -> None: ...
+    runtime: AgentStatus
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., last_seen_s_ago: _Optional[float] = ..., runtime: _Optional[_Union[AgentStatus, _Mapping]] = ...) -> None: ...
 
 class Members(_message.Message):
     __slots__ = ("agents",)
@@ -184,7 +186,7 @@ class PutShardReply(_message.Message):
     def __init__(self, bytes_received: _Optional[int] = ..., blocks_stored: _Optional[int] = ...) -> None: ...
 
 class SessionSpec(_message.Message):
-    __slots__ = ("session_id", "session_key", "rank", "endpoints", "algorithm", "shard_key", "compute_dtype", "window_blocks", "max_context", "link_delay_ms")
+    __slots__ = ("session_id", "session_key", "rank", "endpoints", "algorithm", "shard_key", "compute_dtype", "window_blocks", "max_context", "link_delay_ms", "kv_dtype", "kv_budget_tokens")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +197,8 @@ class SessionSpec(_message.Message):
     WINDOW_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     LINK_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KV_BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     session_key: bytes
     rank: int
@@ -205,7 +209,9 @@ class SessionSpec(_message.Message):
     window_blocks: int
     max_context: int
     link_delay_ms: float
-    def __init__(self, session_id: _Optional[str] = ..., session_key: _Optional[bytes] = ..., rank: _Optional[int] = ..., endpoints: _Optional[_Iterable[str]] = ..., algorithm: _Optional[str] = ..., shard_key: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., window_blocks: _Optional[int] = ..., max_context: _Optional[int] = ..., link_delay_ms: _Optional[float] = ...) -> None: ...
+    kv_dtype: str
+    kv_budget_tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., session_key: _Optional[bytes] = ..., rank: _Optional[int] = ..., endpoints: _Optional[_Iterable[str]] = ..., algorithm: _Optional[str] = ..., shard_key: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., window_blocks: _Optional[int] = ..., max_context: _Optional[int] = ..., link_delay_ms: _Optional[float] = ..., kv_dtype: _Optional[str] = ..., kv_budget_tokens: _Optional[int] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
     __slots__ = ("node_id", "session_id", "streaming", "window_blocks", "read_bytes_per_s", "weight_bytes", "resident_weight_bytes", "peak_rss_bytes", "rss_bytes")
