@@ -11,7 +11,13 @@ from typing import Any, Protocol
 
 from edgecluster.engine.sampling import SamplingParams
 
-__all__ = ["BackendUnavailable", "ControlView", "GenerationBackend", "SamplingParams"]
+__all__ = [
+    "BackendBusy",
+    "BackendUnavailable",
+    "ControlView",
+    "GenerationBackend",
+    "SamplingParams",
+]
 
 
 class BackendUnavailable(Exception):
@@ -19,6 +25,15 @@ class BackendUnavailable(Exception):
 
     The API answers 503 with this message.
     """
+
+
+class BackendBusy(Exception):
+    """The backend is up but cannot take this request now (queue full, KV memory reserved
+    by requests in flight). The API answers 429 with `Retry-After: retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class GenerationBackend(Protocol):
