@@ -4,5 +4,5 @@ Layers, imports pointing down only:
 api -> plan -> engine -> comm -> net -> weights -> types, config, errors.
 """
 
-PROTOCOL_VERSION = 2  # 2: tensors on the data channel travel as raw frames
+PROTOCOL_VERSION = 3  # 3: the token is proven, never sent; data-channel frames are MACed or sealed
 __version__ = "0.1.0"

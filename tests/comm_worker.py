@@ -78,14 +78,16 @@ def _summary(result: torch.Tensor, expected_dtype: str, ratio: float, elapsed: f
 
 
 def _count_tensors(link: Link, counter: list[int]) -> None:
-    """Counts the tensors `link` receives (instance attribute shadows the method)."""
-    inner = link.recv_tensor
+    """Counts the tensors `link` receives (instance attribute shadows the method that
+    every receive goes through; keepalives are not tensors)."""
+    inner = link.recv_tensor_or_keepalive
 
     def counted() -> Any:
-        counter[0] += 1
-        return inner()
+        tensor = inner()
+        counter[0] += tensor is not None
+        return tensor
 
-    link.recv_tensor = counted  # type: ignore[method-assign]
+    link.recv_tensor_or_keepalive = counted  # type: ignore[method-assign]
 
 
 class _Worker:

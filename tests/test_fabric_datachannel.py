@@ -34,6 +34,7 @@ from edgecluster.net.datachannel import (
     tensor_packet,
     wait_any,
 )
+from edgecluster.net.frame_seal import MAC, TO_CLIENT, TO_SERVER, FrameSeal, link_key
 from edgecluster.net.pb import edgecluster_pb2 as pb
 from edgecluster.net.polling_reader import default_spin_us
 
@@ -51,8 +52,15 @@ def listener() -> Iterator[DataListener]:
     server.close()
 
 
+CLIENT_NONCE = b"c" * 16
+
+
+def _parts(nonce: bytes, rank: int, session: str = SESSION) -> tuple[bytes, ...]:
+    return nonce, CLIENT_NONCE, session.encode(), str(rank).encode(), str(MAC).encode()
+
+
 def _proof(nonce: bytes, rank: int, role: bytes, key: bytes = KEY, session: str = SESSION) -> bytes:
-    return session_proof(key, role, nonce, session.encode(), str(rank).encode())
+    return session_proof(key, role, *_parts(nonce, rank, session))
 
 
 class RawClient:
@@ -60,6 +68,23 @@ class RawClient:
 
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.seal: FrameSeal | None = None  # the link's keys, once welcomed
+
+    def welcomed(self, nonce: bytes, rank: int = 1) -> None:
+        """Reads the WELCOME and from then on tags what it sends like a real peer."""
+        welcome = self.read_frame()
+        assert welcome is not None and welcome.kind == pb.Frame.WELCOME, welcome
+        key = link_key(KEY, *_parts(nonce, rank))
+        self.seal = FrameSeal(key, mode=MAC, outgoing=TO_SERVER, incoming=TO_CLIENT)
+
+    def send_tagged(self, head: bytes, payload: bytes = b"", tensor: bool = False) -> None:
+        """A frame whose length and type are in `head`, with a valid tag."""
+        assert self.seal is not None
+        if tensor:
+            sent, tag = self.seal.seal_tensor(head, memoryview(payload))
+            self.sock.sendall(head + bytes(sent) + tag)
+        else:
+            self.sock.sendall(head[:5] + self.seal.seal_control(head[:5], head[5:]))
 
     def send_bytes(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -97,6 +122,8 @@ class RawClient:
             "kind": pb.Frame.HELLO,
             "session_id": SESSION,
             "rank": rank,
+            "nonce": CLIENT_NONCE,
+            "protection": MAC,
             "protocol_version": PROTOCOL_VERSION,
             "proof": _proof(nonce, rank, b"client"),
             **overrides,
@@ -105,6 +132,8 @@ class RawClient:
 
     def expect_error_then_close(self, *fragments: str) -> str:
         frame = self.read_frame()
+        if self.seal is not None and frame is not None:  # a tagged frame: tag follows
+            self._read_exactly(16)
         assert frame is not None and frame.kind == pb.Frame.ERROR, frame
         for fragment in fragments:
             assert fragment in frame.message, frame.message
@@ -231,6 +260,11 @@ def test_a_correct_raw_handshake_is_welcomed_with_the_servers_proof(listener: Da
         dtype, shape, _ = parse_raw_header(message[1])
         assert (dtype, shape) == (torch.float32, [2])
         assert client.read_exactly(8) == struct.pack("<2f", 1.5, -2.0)  # the bytes follow
+        tag = client.read_exactly(16)  # then the frame's tag, under the link's own key
+        head = struct.pack("<I", 1 + len(message[1])) + bytes([TENSOR]) + message[1]
+        key = link_key(KEY, *_parts(nonce, 3))
+        opener = FrameSeal(key, mode=MAC, outgoing=TO_SERVER, incoming=TO_CLIENT)
+        opener.open_tensor(head, memoryview(bytearray(struct.pack("<2f", 1.5, -2.0))), tag)
         link.close()
     finally:
         client.close()
@@ -302,6 +336,9 @@ BAD_FRAMES = {
 }
 
 
+TAGGED = {"garbage-control", "not-a-tensor"}
+
+
 @pytest.mark.parametrize("case", sorted(BAD_FRAMES))
 def test_bad_frames_on_an_open_link_end_it_with_a_reason(listener: DataListener, case: str) -> None:
     frame_bytes, fragments = BAD_FRAMES[case]
@@ -309,9 +346,12 @@ def test_bad_frames_on_an_open_link_end_it_with_a_reason(listener: DataListener,
     try:
         nonce = client.challenge()
         client.hello(nonce)
-        assert client.read_frame().kind == pb.Frame.WELCOME  # type: ignore[union-attr]
+        client.welcomed(nonce)
         server = listener.take(SESSION, 1, timeout_s=5)
-        client.send_bytes(frame_bytes)
+        if case in TAGGED:  # control frames are parsed only once their tag checks out
+            client.send_tagged(frame_bytes)
+        else:  # refused at the length, type or tensor header, before any tag
+            client.send_bytes(frame_bytes)
         with pytest.raises(TensorMessageError, match=fragments[-1]):
             server.recv_tensor()
         client.expect_error_then_close(*fragments)

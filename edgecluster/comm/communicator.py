@@ -17,12 +17,23 @@ Sums accumulate in float32 and are cast back once, so every rank gets the same b
 A lost peer fails the whole session, not one rank: the rank that notices tells every
 other peer which rank was lost and closes its links, so every rank raises
 PeerLostError naming the lost one instead of waiting for a frame that will not come.
+
+Liveness: inside a step (`with comm.step():`, or begin_step / end_step) every read
+has a deadline (`read_deadline_s`, default EDGE_READ_DEADLINE_S or 5 s) and a
+background thread sends a KEEPALIVE on every link that has carried a frame this step
+but had no send for `keepalive_interval_s`, so a rank that is busy computing is not
+taken for a hung one, and one that is stopped (SIGSTOP) or hung is named within the
+deadline. Between steps nothing is sent and reads wait forever: an idle session must
+neither time out nor pile keepalives into a socket nobody reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -30,11 +41,19 @@ import torch
 
 from edgecluster.errors import PeerLostError
 from edgecluster.net.datachannel import DataListener, Link, dial, send_tensor_to, wait_any
+from edgecluster.net.polling_reader import env_amount
 
 log = logging.getLogger(__name__)
 
 ALGORITHMS = ("star", "ring")
 _ASYNC_SEND_BYTES = 128 << 10
+DEFAULT_READ_DEADLINE_S = 5.0
+
+
+def default_read_deadline_s() -> float:
+    """EDGE_READ_DEADLINE_S, else DEFAULT_READ_DEADLINE_S."""
+    value = env_amount("EDGE_READ_DEADLINE_S", "seconds")
+    return DEFAULT_READ_DEADLINE_S if value is None else value
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,8 +65,24 @@ class SessionConfig:
     algorithm: str = "star"
     link_delay_ms: float = 0.0
     connect_timeout_s: float = 15.0
+    encrypt: bool = False  # frames sealed with AEAD (TLS clusters); else MACed
+    read_deadline_s: float = 0.0  # in a step; 0: EDGE_READ_DEADLINE_S or 5 s
+    keepalive_interval_s: float = 0.0  # 0: a fifth of the read deadline, at most 1 s
 
     def __post_init__(self) -> None:
+        if self.read_deadline_s < 0 or self.keepalive_interval_s < 0:
+            raise ValueError("read_deadline_s and keepalive_interval_s must be >= 0")
+        if not self.read_deadline_s:
+            object.__setattr__(self, "read_deadline_s", default_read_deadline_s())
+        if not self.read_deadline_s:
+            raise ValueError("EDGE_READ_DEADLINE_S must be > 0 seconds")
+        if not self.keepalive_interval_s:
+            object.__setattr__(self, "keepalive_interval_s", min(1.0, self.read_deadline_s / 5))
+        if self.keepalive_interval_s >= self.read_deadline_s:
+            raise ValueError(
+                f"keepalive interval {self.keepalive_interval_s} s must be shorter than the "
+                f"read deadline {self.read_deadline_s} s"
+            )
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm {self.algorithm!r}: choose one of {ALGORITHMS}")
         if not 0 <= self.rank < len(self.endpoints):
@@ -70,6 +105,14 @@ class Communicator:
         self._links = links
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="comm-send")
         self._aborted = False
+        self._step_started: float | None = None  # monotonic start of the step in progress
+        self._stepping = threading.Condition()
+        self._closed = False
+        if links:
+            keepalive = threading.Thread(
+                target=self._keepalive_loop, name="comm-keepalive", daemon=True
+            )
+            keepalive.start()
 
     @classmethod
     def connect(
@@ -88,6 +131,7 @@ class Communicator:
                     peer=names[peer],
                     link_delay_ms=config.link_delay_ms,
                     timeout_s=config.connect_timeout_s,
+                    encrypt=config.encrypt,
                 )
             for peer in range(config.rank + 1, config.world_size):
                 link = listener.take(config.session_id, peer, config.connect_timeout_s)
@@ -101,6 +145,46 @@ class Communicator:
 
     def link(self, rank: int) -> Link:
         return self._links[rank]
+
+    # ---- liveness ----
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """A step: reads have deadlines, busy ranks send keepalives (see the module doc)."""
+        self.begin_step()
+        try:
+            yield
+        finally:
+            self.end_step()
+
+    def begin_step(self) -> None:
+        with self._stepping:
+            self._step_started = time.monotonic()
+            for link in self._links.values():
+                link.deadline_s = self.config.read_deadline_s
+            self._stepping.notify_all()
+
+    def end_step(self) -> None:
+        with self._stepping:
+            self._step_started = None
+            for link in self._links.values():
+                link.deadline_s = None
+
+    def _keepalive_loop(self) -> None:
+        interval = self.config.keepalive_interval_s
+        while True:
+            with self._stepping:
+                while self._step_started is None and not self._closed:
+                    self._stepping.wait()
+                if self._closed:
+                    return
+                started = self._step_started
+                assert started is not None
+            now = time.monotonic()
+            for link in list(self._links.values()):
+                used = max(link.last_sent, link.last_received) >= started
+                if used and now - link.last_sent >= interval:
+                    link.send_keepalive()
+            time.sleep(interval / 2)
 
     # ---- point to point ----
     def send(self, tensor: torch.Tensor, dst: int) -> None:
@@ -158,7 +242,10 @@ class Communicator:
 
     def _recv_like(self, src: int, like: torch.Tensor) -> torch.Tensor:
         """A peer's contribution to a reduction; must match ours in shape."""
-        incoming = self._recv(src)
+        return self._check_like(src, self._recv(src), like)
+
+    @staticmethod
+    def _check_like(src: int, incoming: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         if incoming.shape != like.shape:
             raise ValueError(
                 f"rank {src} contributed shape {tuple(incoming.shape)} to a reduction of "
@@ -185,13 +272,34 @@ class Communicator:
         """
         pending = dict(self._links)
         partials: dict[int, torch.Tensor] = {}
+        heard = dict.fromkeys(pending, time.monotonic())  # a frame or keepalive, per peer
         while pending:
             spin_ns = next(iter(pending.values())).spin_ns if partials else 0
-            for link in wait_any(list(pending.values()), spin_ns):
+            timeout = self._gather_timeout(pending, heard)
+            ready = wait_any(list(pending.values()), spin_ns, timeout)
+            if not ready:
+                self._raise_if_silent(pending, heard)
+            for link in ready:
                 peer = next(r for r, candidate in pending.items() if candidate is link)
-                partials[peer] = self._recv_like(peer, like)
-                del pending[peer]
+                message = link.recv_tensor_or_keepalive()
+                heard[peer] = time.monotonic()
+                if message is not None:
+                    partials[peer] = self._check_like(peer, message, like)
+                    del pending[peer]
         return partials
+
+    def _gather_timeout(self, pending: dict[int, Link], heard: dict[int, float]) -> float | None:
+        """How long the gather may wait for any frame before a peer is overdue."""
+        deadline = next(iter(pending.values())).deadline_s
+        if deadline is None:
+            return None
+        return max(0.0, min(heard[r] for r in pending) + deadline - time.monotonic())
+
+    def _raise_if_silent(self, pending: dict[int, Link], heard: dict[int, float]) -> None:
+        now = time.monotonic()
+        for peer, link in pending.items():
+            if link.deadline_s is not None and now - heard[peer] >= link.deadline_s:
+                raise link.silent()
 
     def _abort(self, lost: PeerLostError) -> None:
         """Tells every other peer which rank was lost and closes the links (once)."""
@@ -237,6 +345,9 @@ class Communicator:
         return incoming
 
     def close(self) -> None:
+        with self._stepping:
+            self._closed = True
+            self._stepping.notify_all()
         for link in self._links.values():
             link.close()
         self._links.clear()

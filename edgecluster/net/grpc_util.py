@@ -1,14 +1,35 @@
-"""gRPC servers and channels with the cluster token, optional TLS and message limits."""
+"""gRPC servers and channels that prove the cluster token, with optional TLS and limits.
+
+`start_server` serves the Auth service next to the registered ones and refuses every
+other call that does not prove the token; `open_channel` returns a channel whose
+first call runs the handshake (see auth.py) and whose every call carries a MAC.
+"""
 
 from __future__ import annotations
 
+import secrets
+import threading
+import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
-from edgecluster.net.auth import TokenClientInterceptor, TokenServerInterceptor
+from edgecluster.net.auth import (
+    EXPIRED,
+    HANDSHAKE_IDLE_S,
+    HEADER,
+    AuthService,
+    TokenAuthority,
+    TokenServerInterceptor,
+    call_mac,
+    handshake_proof,
+)
+from edgecluster.net.pb import edgecluster_pb2 as pb
+from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
 
 # Tensor chunks are at most 1 MiB; leave room for the envelope. Larger messages are
 # refused by gRPC itself before our handlers see them.
@@ -51,12 +72,14 @@ def start_server(
     tls: TlsFiles | None = None,
     max_workers: int = 16,
 ) -> tuple[grpc.Server, int]:
-    """Starts a token-checking server; returns it and the bound port."""
+    """Starts a server that refuses calls not proving `token`; returns it and its port."""
+    authority = TokenAuthority(token)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=[TokenServerInterceptor(token)],
+        interceptors=[TokenServerInterceptor(authority)],
         options=_OPTIONS,
     )
+    pb_grpc.add_AuthServicer_to_server(AuthService(authority), server)
     for add in register:
         add(server)
     address = f"{host}:{port}"
@@ -77,7 +100,7 @@ def start_server(
 
 
 def open_channel(address: str, token: str, tls: TlsFiles | None = None) -> grpc.Channel:
-    """A channel whose every call carries the cluster token."""
+    """A channel whose every call proves the cluster token (the token is never sent)."""
     if tls is not None and tls.dials_tls:
         creds = grpc.ssl_channel_credentials(
             root_certificates=tls.ca.read_bytes() if tls.ca else tls.cert.read_bytes()  # type: ignore[union-attr]
@@ -85,4 +108,100 @@ def open_channel(address: str, token: str, tls: TlsFiles | None = None) -> grpc.
         channel = grpc.secure_channel(address, creds, options=_OPTIONS)
     else:
         channel = grpc.insecure_channel(address, options=_OPTIONS)
-    return grpc.intercept_channel(channel, TokenClientInterceptor(token))
+    return grpc.intercept_channel(channel, TokenClientInterceptor(channel, token, address))
+
+
+class ServerNotProvenError(grpc.RpcError):
+    """The server answered the handshake without proving the token: a fake peer."""
+
+    def __init__(self, address: str) -> None:
+        self._details = (
+            f"authentication failed: the peer at {address} could not prove the cluster "
+            "token (a fake peer, or another cluster's); nothing was sent to it"
+        )
+        super().__init__(self._details)
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAUTHENTICATED
+
+    def details(self) -> str:
+        return self._details
+
+
+class _Proof:
+    """One channel's handshake: its id, derived key and the server's clock offset."""
+
+    def __init__(self, hid: str, key: bytes, offset_ms: int) -> None:
+        self.hid, self.key, self.offset_ms = hid, key, offset_ms
+        self.last_used = time.monotonic()
+
+
+class TokenClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor):
+    """Runs the handshake on first use, then MACs every outgoing call."""
+
+    def __init__(self, raw: grpc.Channel, token: str, address: str) -> None:
+        self._auth = pb_grpc.AuthStub(raw)
+        self._token, self._address = token, address
+        self._lock = threading.Lock()
+        self._proof: _Proof | None = None
+
+    def _handshake(self, timeout: float) -> _Proof:
+        challenge = self._auth.Challenge(pb.Empty(), timeout=timeout)
+        offset_ms = challenge.server_time_ms - time.monotonic_ns() // 1_000_000
+        hid, ns, nc = challenge.handshake_id, challenge.server_nonce, secrets.token_bytes(16)
+        reply = self._auth.Prove(
+            pb.AuthProveRequest(
+                handshake_id=hid,
+                client_nonce=nc,
+                client_proof=handshake_proof(self._token, b"client", hid, ns, nc),
+            ),
+            timeout=timeout,
+        )
+        expected = handshake_proof(self._token, b"server", hid, ns, nc)
+        if not secrets.compare_digest(reply.server_proof, expected):
+            raise ServerNotProvenError(self._address)
+        return _Proof(hid, handshake_proof(self._token, b"key", hid, ns, nc), offset_ms)
+
+    def _metadata(self, method: str, timeout: float | None) -> tuple[_Proof, tuple[str, str]]:
+        with self._lock:
+            proof = self._proof
+            if proof is None or time.monotonic() - proof.last_used > HANDSHAKE_IDLE_S / 2:
+                proof = self._proof = self._handshake(min(timeout or 10.0, 10.0))
+            proof.last_used = time.monotonic()
+        nonce = secrets.token_hex(12)
+        stamp = time.monotonic_ns() // 1_000_000 + proof.offset_ms
+        mac = call_mac(proof.key, method, proof.hid, nonce, stamp)
+        return proof, (HEADER, f"{proof.hid}.{nonce}.{stamp}.{mac}")
+
+    def _forget_if_expired(self, proof: _Proof) -> Callable[[Any], None]:
+        def check(outcome: Any) -> None:
+            if outcome.code() == grpc.StatusCode.UNAVAILABLE and outcome.details() == EXPIRED:
+                with self._lock:
+                    if self._proof is proof:
+                        self._proof = None  # the next call proves the token again
+
+        return check
+
+    def _call(self, continuation: Any, details: Any, request: Any) -> Any:
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        proof, entry = self._metadata(method, details.timeout)
+        metadata = [*(details.metadata or ()), entry]
+        outcome = continuation(_ClientCallDetails(details, metadata), request)
+        outcome.add_done_callback(self._forget_if_expired(proof))
+        return outcome
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return self._call(continuation, details, request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, request_iter: Any) -> Any:
+        return self._call(continuation, details, request_iter)
+
+
+class _ClientCallDetails(grpc.ClientCallDetails):
+    def __init__(self, base: Any, metadata: list[tuple[str, str]]) -> None:
+        self.method = base.method
+        self.timeout = base.timeout
+        self.metadata = metadata
+        self.credentials = base.credentials
+        self.wait_for_ready = getattr(base, "wait_for_ready", None)
+        self.compression = getattr(base, "compression", None)

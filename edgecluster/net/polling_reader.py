@@ -6,6 +6,9 @@ microseconds (about 43 us against 6 us measured here, in a VM). So a read first 
 for up to `spin_ns`, giving the core away at each turn (sched_yield) so a process that
 shares it loses little, then blocks. `EDGE_SPIN_US` sets the polling time; under a
 cgroup CPU quota the default is 0, since polling would spend the quota compute needs.
+
+A reader may have a deadline (`deadline_ms`): a read that sees no byte for that long
+raises ReadDeadlineError instead of blocking on (see EDGE_READ_DEADLINE_S).
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ import time
 from edgecluster.device.profile import cgroup_cpu_quota
 
 DEFAULT_SPIN_US = 500.0  # how long a read polls before it blocks (EDGE_SPIN_US)
+
+
+class ReadDeadlineError(TimeoutError):
+    """No byte arrived within the reader's deadline."""
 
 
 def env_amount(name: str, unit: str) -> float | None:
@@ -52,6 +59,7 @@ class SocketReader:
         self._poller = select.poll()
         self._poller.register(sock, select.POLLIN)
         self.spin_ns = spin_ns
+        self.deadline_ms: int | None = None  # None: a read may wait forever
 
     @property
     def buffered(self) -> bool:
@@ -80,6 +88,8 @@ class SocketReader:
             if filled == size:
                 return filled
             self.spin(self.spin_ns)  # the buffer is empty: wait for the socket
+            if self.deadline_ms is not None and not self._poller.poll(self.deadline_ms):
+                raise ReadDeadlineError(f"no byte for {self.deadline_ms} ms")
             if size - filled >= len(self._view):
                 got = self._sock.recv_into(into[filled:])
                 filled += got

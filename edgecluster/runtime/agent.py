@@ -73,6 +73,7 @@ class AgentNode:
             store=self.store,
             listener=self.listener,
             node_name=config.name,
+            token=config.token,
             memory=MemoryPolicy(
                 limit_bytes=config.memory_limit_bytes,
                 window_override=config.window_blocks,

@@ -110,7 +110,7 @@ class AgentService(pb_grpc.AgentServicer):
 
     def OpenSession(self, request: pb.SessionSpec, context: grpc.ServicerContext) -> pb.AgentStatus:
         try:
-            self._sessions.open(SessionRequest.from_pb(request))
+            self._sessions.open(SessionRequest.from_pb(request, self._sessions.token))
         except (ValueError, FileNotFoundError, KeyError) as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot open session: {exc}")
         return self._status()

@@ -23,6 +23,7 @@ from edgecluster.engine.agent_loop import run_agent_session
 from edgecluster.engine.shard_executor import ShardExecutor, WeightSource
 from edgecluster.errors import EdgeClusterError
 from edgecluster.model_config import ATTN, MLP, block_name
+from edgecluster.net.auth import derive_session_key
 from edgecluster.net.datachannel import DataListener
 from edgecluster.net.pb import edgecluster_pb2 as pb
 from edgecluster.plan.streaming import choose_window
@@ -44,7 +45,8 @@ class SessionRequest:
     max_context: int
 
     @classmethod
-    def from_pb(cls, m: pb.SessionSpec) -> SessionRequest:
+    def from_pb(cls, m: pb.SessionSpec, token: str) -> SessionRequest:
+        """The request `m` describes; its data-channel key is derived from `token`."""
         if m.compute_dtype not in _DTYPES:
             raise ValueError(f"compute dtype {m.compute_dtype!r} not in {sorted(_DTYPES)}")
         if not m.shard_key:
@@ -52,11 +54,12 @@ class SessionRequest:
         return cls(
             comm=SessionConfig(
                 session_id=m.session_id,
-                session_key=m.session_key,
+                session_key=derive_session_key(token, m.session_id, m.key_salt),
                 rank=m.rank,
                 endpoints=tuple(m.endpoints),
                 algorithm=m.algorithm or "star",
                 link_delay_ms=m.link_delay_ms,
+                encrypt=m.encrypt_data,
             ),
             shard_key=m.shard_key,
             compute_dtype=m.compute_dtype,
@@ -99,8 +102,10 @@ class AgentSessions:
         store: ShardStore,
         listener: DataListener,
         node_name: str,
+        token: str,
         memory: MemoryPolicy | None = None,
     ) -> None:
+        self.token = token  # session keys are derived from it, never received
         self._store = store
         self._listener = listener
         self._node_name = node_name
@@ -121,7 +126,9 @@ class AgentSessions:
         gc.collect()  # a session that ended on its own may still be freeing its shard
         release_free_memory()
         executor = self._load(req)
-        self._listener.expect(req.comm.session_id, req.comm.session_key, req.comm.link_delay_ms)
+        self._listener.expect(
+            req.comm.session_id, req.comm.session_key, req.comm.link_delay_ms, req.comm.encrypt
+        )
         thread = threading.Thread(
             target=self._serve, args=(req, executor), name="agent-session", daemon=True
         )

@@ -30,6 +30,7 @@ from edgecluster.comm.communicator import Communicator, SessionConfig
 from edgecluster.config import CoordinatorConfig
 from edgecluster.engine.hub import HubModel
 from edgecluster.errors import EdgeClusterError, PeerLostError, PlanError
+from edgecluster.net.auth import derive_session_key
 from edgecluster.net.datachannel import DataListener
 from edgecluster.net.grpc_util import open_channel
 from edgecluster.net.pb import edgecluster_pb2 as pb
@@ -306,17 +307,20 @@ class ServingCluster:
         stubs: dict[str, pb_grpc.AgentStub],
         keys: dict[str, str],
     ) -> Communicator:
-        session_id, key = uuid.uuid4().hex, secrets.token_bytes(32)
+        session_id, salt = uuid.uuid4().hex, secrets.token_bytes(16)
+        key = derive_session_key(self.config.token, session_id, salt)  # never sent
+        encrypt = self.config.tls.serves_tls  # TLS clusters seal data-channel frames
         order = [members[p.node_id] for p in plan.placements]
         agent_endpoints = [f"{m.address.rpartition(':')[0]}:{m.data_port}" for m in order]
-        self._listener.expect(session_id, key, self.config.link_delay_ms)
+        self._listener.expect(session_id, key, self.config.link_delay_ms, encrypt)
         for rank, placement in enumerate(plan.placements, start=1):
             member = members[placement.node_id]
             hub = f"{reachable_host(self.config.host, member.address)}:{self._listener.port}"
             stubs[placement.node_id].OpenSession(
                 pb.SessionSpec(
                     session_id=session_id,
-                    session_key=key,
+                    key_salt=salt,
+                    encrypt_data=encrypt,
                     rank=rank,
                     endpoints=[hub, *agent_endpoints],
                     algorithm="star",
@@ -331,6 +335,7 @@ class ServingCluster:
         config = SessionConfig(
             session_id=session_id,
             session_key=key,
+            encrypt=encrypt,
             rank=0,
             endpoints=(f"{self.config.host}:{self._listener.port}", *agent_endpoints),
             link_delay_ms=self.config.link_delay_ms,

@@ -119,6 +119,32 @@ class Members(_message.Message):
     agents: _containers.RepeatedCompositeFieldContainer[Member]
     def __init__(self, agents: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
 
+class AuthChallengeReply(_message.Message):
+    __slots__ = ("handshake_id", "server_nonce", "server_time_ms")
+    HANDSHAKE_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVER_NONCE_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    handshake_id: str
+    server_nonce: bytes
+    server_time_ms: int
+    def __init__(self, handshake_id: _Optional[str] = ..., server_nonce: _Optional[bytes] = ..., server_time_ms: _Optional[int] = ...) -> None: ...
+
+class AuthProveRequest(_message.Message):
+    __slots__ = ("handshake_id", "client_nonce", "client_proof")
+    HANDSHAKE_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_NONCE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_PROOF_FIELD_NUMBER: _ClassVar[int]
+    handshake_id: str
+    client_nonce: bytes
+    client_proof: bytes
+    def __init__(self, handshake_id: _Optional[str] = ..., client_nonce: _Optional[bytes] = ..., client_proof: _Optional[bytes] = ...) -> None: ...
+
+class AuthProveReply(_message.Message):
+    __slots__ = ("server_proof",)
+    SERVER_PROOF_FIELD_NUMBER: _ClassVar[int]
+    server_proof: bytes
+    def __init__(self, server_proof: _Optional[bytes] = ...) -> None: ...
+
 class InviteRequest(_message.Message):
     __slots__ = ("coordinator_address",)
     COORDINATOR_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -186,9 +212,9 @@ class PutShardReply(_message.Message):
     def __init__(self, bytes_received: _Optional[int] = ..., blocks_stored: _Optional[int] = ...) -> None: ...
 
 class SessionSpec(_message.Message):
-    __slots__ = ("session_id", "session_key", "rank", "endpoints", "algorithm", "shard_key", "compute_dtype", "window_blocks", "max_context", "link_delay_ms", "kv_dtype", "kv_budget_tokens")
+    __slots__ = ("session_id", "key_salt", "rank", "endpoints", "algorithm", "shard_key", "compute_dtype", "window_blocks", "max_context", "link_delay_ms", "kv_dtype", "kv_budget_tokens", "encrypt_data")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
-    SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
+    KEY_SALT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
@@ -199,8 +225,9 @@ class SessionSpec(_message.Message):
     LINK_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
     KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
     KV_BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPT_DATA_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    session_key: bytes
+    key_salt: bytes
     rank: int
     endpoints: _containers.RepeatedScalarFieldContainer[str]
     algorithm: str
@@ -211,7 +238,8 @@ class SessionSpec(_message.Message):
     link_delay_ms: float
     kv_dtype: str
     kv_budget_tokens: int
-    def __init__(self, session_id: _Optional[str] = ..., session_key: _Optional[bytes] = ..., rank: _Optional[int] = ..., endpoints: _Optional[_Iterable[str]] = ..., algorithm: _Optional[str] = ..., shard_key: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., window_blocks: _Optional[int] = ..., max_context: _Optional[int] = ..., link_delay_ms: _Optional[float] = ..., kv_dtype: _Optional[str] = ..., kv_budget_tokens: _Optional[int] = ...) -> None: ...
+    encrypt_data: bool
+    def __init__(self, session_id: _Optional[str] = ..., key_salt: _Optional[bytes] = ..., rank: _Optional[int] = ..., endpoints: _Optional[_Iterable[str]] = ..., algorithm: _Optional[str] = ..., shard_key: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., window_blocks: _Optional[int] = ..., max_context: _Optional[int] = ..., link_delay_ms: _Optional[float] = ..., kv_dtype: _Optional[str] = ..., kv_budget_tokens: _Optional[int] = ..., encrypt_data: _Optional[bool] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
     __slots__ = ("node_id", "session_id", "streaming", "window_blocks", "read_bytes_per_s", "weight_bytes", "resident_weight_bytes", "peak_rss_bytes", "rss_bytes")
@@ -242,7 +270,7 @@ class CloseSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("kind", "chunk", "sent_at_ns", "session_id", "rank", "nonce", "proof", "message", "protocol_version")
+    __slots__ = ("kind", "chunk", "sent_at_ns", "session_id", "rank", "nonce", "proof", "message", "protocol_version", "protection")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Frame.Kind]
@@ -252,6 +280,7 @@ class Frame(_message.Message):
         TENSOR: _ClassVar[Frame.Kind]
         ERROR: _ClassVar[Frame.Kind]
         BYE: _ClassVar[Frame.Kind]
+        KEEPALIVE: _ClassVar[Frame.Kind]
     KIND_UNSPECIFIED: Frame.Kind
     HELLO: Frame.Kind
     CHALLENGE: Frame.Kind
@@ -259,6 +288,7 @@ class Frame(_message.Message):
     TENSOR: Frame.Kind
     ERROR: Frame.Kind
     BYE: Frame.Kind
+    KEEPALIVE: Frame.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_NS_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +298,7 @@ class Frame(_message.Message):
     PROOF_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROTECTION_FIELD_NUMBER: _ClassVar[int]
     kind: Frame.Kind
     chunk: TensorChunk
     sent_at_ns: int
@@ -277,4 +308,5 @@ class Frame(_message.Message):
     proof: bytes
     message: str
     protocol_version: int
-    def __init__(self, kind: _Optional[_Union[Frame.Kind, str]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., sent_at_ns: _Optional[int] = ..., session_id: _Optional[str] = ..., rank: _Optional[int] = ..., nonce: _Optional[bytes] = ..., proof: _Optional[bytes] = ..., message: _Optional[str] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+    protection: int
+    def __init__(self, kind: _Optional[_Union[Frame.Kind, str]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., sent_at_ns: _Optional[int] = ..., session_id: _Optional[str] = ..., rank: _Optional[int] = ..., nonce: _Optional[bytes] = ..., proof: _Optional[bytes] = ..., message: _Optional[str] = ..., protocol_version: _Optional[int] = ..., protection: _Optional[int] = ...) -> None: ...

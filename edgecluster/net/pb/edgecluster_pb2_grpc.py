@@ -226,6 +226,121 @@ class Coordinator:
             _registered_method=True)
 
 
+class AuthStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Challenge = channel.unary_unary(
+                '/edgecluster.v1.Auth/Challenge',
+                request_serializer=edgecluster_dot_net_dot_pb_dot_edgecluster__pb2.Empty.SerializeToString,
+                response_deserializer=edgecluster_dot_net_dot_pb_dot_edgecluster__pb2.AuthChallengeReply.FromString,
+                _registered_method=True)
+        self.Prove = channel.unary_unary(
+                '/edgecluster.v1.Auth/Prove',
+                request_serializer=edgecluster_dot_net_dot_pb_dot_edgecluster__pb2.AuthProveRequest.SerializeToString,
+                response_deserializer=edgecluster_dot_net_dot_pb_dot_edgecluster__pb2.AuthProveReply.FromString,
+                _registered_method=True)
+
+
+class AuthServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Challenge(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Prove(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AuthServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Challenge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Challenge,
+                    request_deserializer=edgecluster_dot_net_dot_pb_dot_edgecluster__pb2.Empty.FromString,
+                    response_serializer=edgecluster_dot_net_dot_pb_dot_edgecluster__pb2.AuthChallengeReply.SerializeToString,
+            ),
+            'Prove': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prove,
+                    request_deserializer=edgecluster_dot_net_dot_pb_dot_edgecluster__pb2.AuthProveRequest.FromString,
+                    response_serializer=edgecluster_dot_net_dot_pb_dot_edgecluster__pb2.AuthProveReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'edgecluster.v1.Auth', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('edgecluster.v1.Auth', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Auth:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Challenge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgecluster.v1.Auth/Challenge',
+            edgecluster_dot_net_dot_pb_dot_edgecluster__pb2.Empty.SerializeToString,
+            edgecluster_dot_net_dot_pb_dot_edgecluster__pb2.AuthChallengeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgecluster.v1.Auth/Prove',
+            edgecluster_dot_net_dot_pb_dot_edgecluster__pb2.AuthProveRequest.SerializeToString,
+            edgecluster_dot_net_dot_pb_dot_edgecluster__pb2.AuthProveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class AgentStub:
     """Missing associated documentation comment in .proto file."""
 
