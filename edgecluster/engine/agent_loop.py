@@ -24,6 +24,7 @@ def run_agent_session(comm: Communicator, executor: ShardExecutor) -> int:
     steps = 0
     layers = executor.cfg.num_layers
     while True:
+        comm.end_step()  # between steps the hub may idle: no deadline, no keepalives
         op, payload = parse_header(comm.broadcast(None, src=0))
         if op == OP_END:
             return steps
@@ -32,6 +33,7 @@ def run_agent_session(comm: Communicator, executor: ShardExecutor) -> int:
                 executor.kv.free(seq_id)
             continue
         assert op == OP_STEP
+        comm.begin_step()  # until the next header, the hub expects us within the deadline
         h = comm.broadcast(None, src=0).to(executor.dtype)
         _check_step(h, payload, executor)
         step = executor.begin_step(payload)

@@ -46,6 +46,7 @@ class HubModel:
         self, comm: Communicator, token_ids: torch.Tensor, segments: list[tuple[int, int, int]]
     ) -> torch.Tensor:
         """Logits [num_segments, V] (float32) at the last token of each segment."""
+        comm.begin_step()  # reads get deadlines, keepalives flow (see Communicator)
         comm.broadcast(step_header(segments))
         h = F.embedding(token_ids, self.embed)  # [T, H]
         comm.broadcast(h)
@@ -57,6 +58,7 @@ class HubModel:
                 reduced = comm.reduce(h)
                 assert reduced is not None
                 h = reduced
+        comm.end_step()
         last = torch.tensor(_last_rows(segments))
         x = rms_norm(h[last], self.final_norm, self.cfg.rms_norm_eps)
         return self._logits(x).float()
