@@ -225,6 +225,9 @@ class AgentNode:
 def _raise_if_refused(exc: grpc.RpcError, address: str) -> None:
     code = exc.code()  # type: ignore[attr-defined]
     if code == grpc.StatusCode.UNAUTHENTICATED:
+        details = exc.details() or ""  # type: ignore[attr-defined]
+        if "could not prove" in details:  # a fake coordinator, or another cluster's
+            raise AuthenticationError(details)
         raise AuthenticationError(
             f"authentication failed: the coordinator at {address} refused our cluster token; "
             "pass the token it printed with --token or EDGE_TOKEN"
