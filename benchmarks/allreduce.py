@@ -18,6 +18,12 @@ mean over ranks of each rank's own elapsed time is reported next to it
 
 Bar (issue 2): star, 4 nodes, 2304 B, no delay: median <= 300 us and >= 5x faster
 than gloo in the same run. The table comes first; the last line is one JSON object.
+
+Frame protection (issue 10): every data-channel frame carries a tag. The star rows
+are the default, MAC-only (clusters without TLS); `star-aead` seals payloads too
+(clusters with TLS) and `star-plain` drops the tags through a private hook (the
+figure before issue 10), all at 2304 B. The JSON's `auth_modes` holds the three
+4-node medians (us).
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ BAR_US, BAR_SPEEDUP = 300.0, 5.0
 SESSIONS = [("ctrl", "star", 0.0)] + [
     (f"{algo}@{d:g}", algo, d) for d in (0.0, *DELAYS_MS) for algo in ("star", "ring")
 ]
+SESSIONS += [(f"star-{mode}@0", "star", 0.0) for mode in ("plain", "aead")]
+AUTH_MODES = {"plain": "star-plain", "mac": "star", "aead": "star-aead"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,7 +92,8 @@ class RankProcess:
 
     def expect(self, spec: dict[str, Any]) -> None:
         for name, _, delay_ms in SESSIONS:
-            self.listener.expect(f"{spec['prefix']}{name}", spec["key"], delay_ms)
+            encrypt = name.startswith("star-aead")
+            self.listener.expect(f"{spec['prefix']}{name}", spec["key"], delay_ms, encrypt)
 
     def connect(self, spec: dict[str, Any]) -> None:
         for name, algo, delay_ms in SESSIONS:
@@ -95,8 +104,11 @@ class RankProcess:
                 endpoints=tuple(spec["endpoints"]),
                 algorithm=algo,
                 link_delay_ms=delay_ms,
+                encrypt=name.startswith("star-aead"),
             )
             self.comms[name] = Communicator.connect(config, self.listener)
+            if name.startswith("star-plain"):
+                _drop_frame_tags(self.comms[name])
 
     def init_gloo(self, spec: dict[str, Any]) -> None:
         store = dist.TCPStore("127.0.0.1", spec["store_port"], is_master=False)
@@ -152,6 +164,14 @@ class RankProcess:
         if dist.is_initialized():
             dist.destroy_process_group()
         self.listener.close()
+
+
+def _drop_frame_tags(comm: Communicator) -> None:
+    """Private hook: frames of this session go untagged, as before issue 10 (every rank
+    does it, right after the handshake, so both ends of each link agree)."""
+    for rank in range(comm.world_size):
+        if rank != comm.rank:
+            comm.link(rank)._seal = None
 
 
 def _recv_exactly(conn: socket.socket, buf: bytearray) -> None:
@@ -236,6 +256,7 @@ def summarize(stamps: list[list[tuple[int, int]]]) -> dict[str, float]:
 def measure_cluster(cluster: Cluster, reps: Reps, progress: bool) -> list[dict[str, Any]]:
     rows = []
     cases = [(a, b, 0.0) for b in PAYLOAD_BYTES for a in ("star", "ring", "gloo")]
+    cases += [(a, 2304, 0.0) for a in ("star-plain", "star-aead")]
     cases += [(a, b, d) for d in DELAYS_MS for b in PAYLOAD_BYTES for a in ("star", "ring")]
     for algo, payload, delay_ms in cases:
         count = reps.count(payload, delay_ms)
@@ -284,6 +305,7 @@ def bar(rows: list[dict[str, Any]], tcp: list[dict[str, Any]]) -> dict[str, Any]
         "speedup_vs_gloo": round(gloo / star, 2),
         "star_over_tcp_rtt": round(star / rtt, 2),
         "meets_bar": star <= BAR_US and gloo / star >= BAR_SPEEDUP,
+        "auth_modes": {mode: median(algo) for mode, algo in AUTH_MODES.items()},
     }
 
 
@@ -305,6 +327,7 @@ def run_benchmark(reps: Reps, progress: bool = True) -> dict[str, Any]:
         "tcp_rtt_us": next(t["median_us"] for t in tcp if t["bytes"] == 2304),
         "tcp_rtt": tcp,
         "bar": bar(rows, tcp),
+        "auth_modes": bar(rows, tcp)["auth_modes"],
         "machine": machine,
     }
 
@@ -325,6 +348,8 @@ def report(result: dict[str, Any]) -> str:
             f"gloo {b['gloo_4n_2304B_median_us']:.1f} us, speedup {b['speedup_vs_gloo']:.1f}x "
             f"(>= {BAR_SPEEDUP:g}), star / TCP RTT {b['star_over_tcp_rtt']:.1f}x: "
             f"{'MEETS' if b['meets_bar'] else 'MISSES'} the bar",
+            "frame protection, star 4n 2304 B median: "
+            + ", ".join(f"{m} {us:.1f} us" for m, us in b["auth_modes"].items()),
         ]
     )
 
