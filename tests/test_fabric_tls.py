@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -13,7 +14,8 @@ import pytest
 from edgecluster.net.grpc_util import TlsFiles, open_channel
 from edgecluster.net.pb import edgecluster_pb2 as pb
 from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
-from tests.procs import ProcessPool, procs, unique_name  # noqa: F401  (fixture)
+from tests.procs import ProcessPool, procs, unique_name, wait_until  # noqa: F401  (fixture)
+from tests.tiny_llama import make_tiny_llama
 
 pytestmark = pytest.mark.skipif(
     shutil.which("openssl") is None, reason="the openssl command is needed to make a certificate"
@@ -82,3 +84,32 @@ def test_tls_needs_both_cert_and_key(procs: ProcessPool, tmp_path: Path) -> None
         "edge-agent", "join", "127.0.0.1:1", "--token", "t", "--tls-ca", str(tmp_path / "nope.pem")
     )
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def _health(coord_url: str) -> int:
+    try:
+        with urllib.request.urlopen(coord_url + "/health", timeout=3) as resp:
+            return int(resp.status)
+    except OSError:
+        return 0
+
+
+def test_a_tls_cluster_seals_its_data_channel(procs: ProcessPool, tmp_path: Path) -> None:  # noqa: F811
+    """With --tls-*, the session's data-channel frames are sealed (AEAD), and serve."""
+    cert, key = _self_signed(tmp_path, "cluster")
+    tls_args = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(cert)]
+    model = make_tiny_llama(tmp_path / "tiny", max_positions=256)
+    coord = procs.coordinator("--model", str(model), "--min-agents", "2", *tls_args)
+    agents = [procs.agent(coord.grpc_address, *tls_args) for _ in range(2)]
+    wait_until(lambda: _health(coord.url) == 200, 120, f"serving\n{coord.describe()}")
+    body = {"model": str(model), "prompt": [5, 6, 7], "max_tokens": 6, "temperature": 0}
+    request = urllib.request.Request(
+        coord.url + "/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        assert resp.status == 200 and json.loads(resp.read())["usage"]["completion_tokens"] == 6
+    for agent in agents:
+        assert "frames sealed (AEAD)" in agent.stderr(), agent.describe()
+    assert "frames sealed (AEAD)" in coord.stderr()

@@ -20,25 +20,13 @@ from typing import Any
 
 import psutil
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from tests.procs import ProcessPool, command, free_ports, procs, wait_until  # noqa: F401
+from tests.tiny_llama import make_tiny_llama
 
 pytestmark = pytest.mark.slow
 DEADLINE_S = 1.5  # under the heartbeat timeout (2.5 s): the data channel notices first
 NAMED_WITHIN_S = 10.0  # the deadline, plus a loaded machine's slack
-
-
-def _tiny_llama(path: Path) -> Path:
-    torch.manual_seed(11)
-    cfg = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=4096,
-        tie_word_embeddings=False, rope_theta=10000.0,
-    )  # fmt: skip
-    AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(path)
-    return path
 
 
 class Serving:
@@ -87,7 +75,7 @@ def test_a_stopped_agent_is_named_within_seconds_and_the_rest_serve_on(
     procs: ProcessPool,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    server = Serving(procs, _tiny_llama(tmp_path / "tiny"))
+    server = Serving(procs, make_tiny_llama(tmp_path / "tiny"))
     with server.complete(4) as resp:  # warm
         assert resp.status == 200
     time.sleep(DEADLINE_S + 1.0)  # idle longer than the deadline: nobody times out

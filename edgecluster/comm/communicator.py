@@ -141,6 +141,8 @@ class Communicator:
             for link in links.values():
                 link.close()
             raise
+        how = "sealed (AEAD)" if config.encrypt else "authenticated (MAC)"
+        log.info("session %s: %d links, frames %s", config.session_id[:8], len(links), how)
         return cls(config, links)
 
     def link(self, rank: int) -> Link:
