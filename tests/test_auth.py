@@ -360,3 +360,49 @@ def test_the_auth_service_is_the_only_one_served_without_proof(server_port: int)
     with grpc.insecure_channel(f"127.0.0.1:{server_port}") as raw:
         reply = pb_grpc.AuthStub(raw).Challenge(pb.Empty(), timeout=5)
     assert len(reply.server_nonce) == 16 and reply.handshake_id
+
+
+def test_a_restarted_server_costs_one_failed_call_then_the_channel_proves_again() -> None:
+    def serve(port: int) -> tuple[grpc.Server, int]:
+        return start_server(
+            host="127.0.0.1",
+            port=port,
+            token=TOKEN,
+            register=[
+                lambda s: pb_grpc.add_CoordinatorServicer_to_server(
+                    CoordinatorService(Membership()), s
+                )
+            ],
+            max_workers=2,
+        )
+
+    server, port = serve(0)
+    with open_channel(f"127.0.0.1:{port}", TOKEN) as channel:
+        _list_members(channel)
+        server.stop(grace=None)
+        server, _ = serve(port)  # a new process: it knows no handshake
+        try:
+            with pytest.raises(grpc.RpcError) as err:
+                _list_members(channel)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # retryable, not "refused"
+            assert "handshake unknown or expired" in err.value.details()
+            assert list(_list_members(channel).agents) == []  # proven again
+        finally:
+            server.stop(grace=None)
+
+
+def test_a_server_without_the_auth_service_is_named_as_too_old() -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(Membership()), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with (
+            open_channel(f"127.0.0.1:{port}", TOKEN) as channel,
+            pytest.raises(grpc.RpcError) as err,
+        ):
+            _list_members(channel)
+    finally:
+        server.stop(grace=None)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "no Auth service" in err.value.details()

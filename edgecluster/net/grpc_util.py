@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from edgecluster import PROTOCOL_VERSION
 from edgecluster.net.auth import (
     EXPIRED,
     HANDSHAKE_IDLE_S,
@@ -111,21 +112,35 @@ def open_channel(address: str, token: str, tls: TlsFiles | None = None) -> grpc.
     return grpc.intercept_channel(channel, TokenClientInterceptor(channel, token, address))
 
 
-class ServerNotProvenError(grpc.RpcError):
-    """The server answered the handshake without proving the token: a fake peer."""
+class HandshakeError(grpc.RpcError):
+    """The handshake could not prove the token to (or from) the peer; raised as the
+    call's own error, so callers see one RpcError with a code and details."""
 
-    def __init__(self, address: str) -> None:
-        self._details = (
-            f"authentication failed: the peer at {address} could not prove the cluster "
-            "token (a fake peer, or another cluster's); nothing was sent to it"
-        )
-        super().__init__(self._details)
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code, self._details = code, details
 
     def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNAUTHENTICATED
+        return self._code
 
     def details(self) -> str:
         return self._details
+
+
+def _not_proven(address: str) -> HandshakeError:
+    return HandshakeError(
+        grpc.StatusCode.UNAUTHENTICATED,
+        f"authentication failed: the peer at {address} could not prove the cluster token "
+        "(a fake peer, or another cluster's); nothing else was sent to it",
+    )
+
+
+def _too_old(address: str) -> HandshakeError:
+    return HandshakeError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"the peer at {address} has no Auth service: it speaks a protocol older than "
+        f"{PROTOCOL_VERSION}; run the same edgecluster version on every node",
+    )
 
 
 class _Proof:
@@ -146,7 +161,12 @@ class TokenClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryC
         self._proof: _Proof | None = None
 
     def _handshake(self, timeout: float) -> _Proof:
-        challenge = self._auth.Challenge(pb.Empty(), timeout=timeout)
+        try:
+            challenge = self._auth.Challenge(pb.Empty(), timeout=timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+                raise _too_old(self._address) from None
+            raise
         offset_ms = challenge.server_time_ms - time.monotonic_ns() // 1_000_000
         hid, ns, nc = challenge.handshake_id, challenge.server_nonce, secrets.token_bytes(16)
         reply = self._auth.Prove(
@@ -159,7 +179,7 @@ class TokenClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryC
         )
         expected = handshake_proof(self._token, b"server", hid, ns, nc)
         if not secrets.compare_digest(reply.server_proof, expected):
-            raise ServerNotProvenError(self._address)
+            raise _not_proven(self._address)
         return _Proof(hid, handshake_proof(self._token, b"key", hid, ns, nc), offset_ms)
 
     def _metadata(self, method: str, timeout: float | None) -> tuple[_Proof, tuple[str, str]]:
