@@ -3,15 +3,17 @@
 A real `edge-coordinator serve --model DIR --local 3` on a tiny random Llama (token-id
 prompts, no tokenizer). The data channel's read deadline (EDGE_READ_DEADLINE_S, 1.5 s
 here, so that it acts before the heartbeats' 2.5 s) and keepalives find the silent
-agent; the stream that already sent tokens ends with an SSE error event naming it; the
-coordinator re-plans over the two others and the next request succeeds. An idle
-cluster (no step running) longer than the deadline does not time out.
+agent; the stream that already sent tokens ends with an SSE error event naming it, and
+a non-streaming request in the same batch gets a 503 naming it; the coordinator
+re-plans over the two others and the next request succeeds. An idle cluster (no step
+running) longer than the deadline does not time out.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -71,6 +73,14 @@ class Serving:
         raise AssertionError(f"no local agent named {name}\n{self.describe()}")
 
 
+def _status_of(server: Serving, max_tokens: int) -> tuple[int, str]:
+    try:
+        with server.complete(max_tokens) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
 def test_a_stopped_agent_is_named_within_seconds_and_the_rest_serve_on(
     procs: ProcessPool,  # noqa: F811
     tmp_path: Path,
@@ -84,8 +94,11 @@ def test_a_stopped_agent_is_named_within_seconds_and_the_rest_serve_on(
 
     victim = server.agent("local-1")
     events: list[str] = []
+    plain: list[tuple[int, str]] = []  # a non-streaming request batched with the stream
+    other = threading.Thread(target=lambda: plain.append(_status_of(server, 3000)), daemon=True)
     try:
         with server.complete(3000, stream=True) as resp:
+            other.start()
             stopped_at = None
             for raw in resp:
                 line = raw.decode().strip()
@@ -105,6 +118,8 @@ def test_a_stopped_agent_is_named_within_seconds_and_the_rest_serve_on(
     assert "no data or keepalive" in errors[-1], errors[-1]
     assert "data: [DONE]" not in events
     assert named_after <= NAMED_WITHIN_S, f"named after {named_after:.1f} s"
+    other.join(NAMED_WITHIN_S)
+    assert plain and plain[0][0] == 503 and "local-1" in plain[0][1], plain
 
     wait_until(lambda: server.health() == 200, 60, "the survivors to re-plan")
     with server.complete(8) as resp:
