@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgecluster.api.backend import BackendUnavailable, SamplingParams
-from edgecluster.api.http import bound_port, build_app, start_api_server
+from edgecluster.api.http import ApiOptions, bound_port, build_app, start_api_server
 
 EOS = 256
 MODEL = "fake-model"
@@ -40,6 +40,7 @@ class FakeBackend:
     current_state: str = "ready"
     model_name: str = MODEL
     eos_token_ids: tuple[int, ...] = (EOS,)
+    vocab_size: int = EOS + 1  # the 256 bytes and EOS
     requests: list[tuple[list[int], SamplingParams]] = field(default_factory=list)
     closed: list[int] = field(default_factory=list)  # tokens yielded, per closed request
 
@@ -93,9 +94,12 @@ class FakeControl:
 
 @contextlib.contextmanager
 def serve(backend: FakeBackend | None, **kwargs: Any) -> Iterator[str]:
-    """Runs build_app on 127.0.0.1 (free port) in a thread; yields the base URL."""
+    """Runs build_app on 127.0.0.1 (free port) in a thread; yields the base URL.
+
+    kwargs are ApiOptions fields (api_key, max_body_bytes, request_timeout_s, ...).
+    """
     loop = asyncio.new_event_loop()
-    app = build_app(backend=backend, control=FakeControl(), **kwargs)
+    app = build_app(backend=backend, control=FakeControl(), options=ApiOptions(**kwargs))
     runner = loop.run_until_complete(start_api_server(app, host="127.0.0.1", port=0))
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
