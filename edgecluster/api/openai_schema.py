@@ -88,15 +88,18 @@ def _type_error(name: str, expected: str, value: Any) -> ApiError:
     )
 
 
-def _opt_int(body: dict[str, Any], name: str) -> int | None:
+def _opt_int(
+    body: dict[str, Any], name: str, low: int = -MAX_SEED - 1, high: int = MAX_SEED
+) -> int | None:
+    """An optional integer within low..high (by default: what a 64-bit integer holds)."""
     value = body.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise _type_error(name, "an integer", value)
-    if not -MAX_SEED - 1 <= value <= MAX_SEED:
+    if not low <= value <= high:
         raise bad_request(
-            f"'{name}' = {shorten(value, 40)} is out of range (a 64-bit integer)", param=name
+            f"'{name}' must be between {low} and {high}, got {shorten(value, 40)}", param=name
         )
     return value
 
@@ -124,16 +127,6 @@ def check_text(text: str, param: str) -> str:
             param=param,
         ) from None
     return text
-
-
-def _parse_seed(body: dict[str, Any]) -> int | None:
-    seed = _opt_int(body, "seed")
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise bad_request(
-            f"'seed' must be between 0 and 2**63-1 ({MAX_SEED}), got {shorten(seed, 40)}",
-            param="seed",
-        )
-    return seed
 
 
 def _parse_temperature(body: dict[str, Any]) -> float:
@@ -196,7 +189,7 @@ def _parse_sampling(body: dict[str, Any], max_tokens: int | None) -> SamplingPar
             temperature=_parse_temperature(body),
             top_p=_opt_float(body, "top_p", 1.0),
             top_k=0 if top_k is None or top_k == -1 else top_k,  # -1: off, as in vLLM
-            seed=_parse_seed(body),
+            seed=_opt_int(body, "seed", 0, MAX_SEED),  # what torch's generator takes
         )
     except ValueError as exc:
         message = str(exc)
