@@ -70,12 +70,16 @@ def add_http_api_args(p: argparse.ArgumentParser) -> None:
 
 def http_api_fields(args: argparse.Namespace, api_key: str | None) -> dict[str, Any]:
     """CoordinatorConfig fields from add_http_api_args' flags (ValueError when bad)."""
+    try:
+        max_body = parse_size(args.max_body)
+    except ValueError as exc:
+        raise ValueError(f"--max-body: {exc}") from None
     return {
         "http_host": args.http_host,
         "http_port": args.port,
         "api_key": api_key,
         "cors_origins": tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
-        "max_body_bytes": parse_size(args.max_body),
+        "max_body_bytes": max_body,
         "max_queue": args.max_queue,
         "request_timeout_s": args.request_timeout,
     }

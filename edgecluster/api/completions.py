@@ -4,7 +4,9 @@ Order of checks: body size (413), JSON and fields (400), model name (404), backe
 readiness (503), prompt token ids against the vocabulary and the prompt length
 against the context (400); only then does generation start. Large bodies are
 parsed, and every prompt is tokenized, on a small thread pool, never on the event
-loop, so one huge prompt does not stall `/health` or other streams.
+loop, so one huge prompt does not stall `/health` or other streams; after a large
+body the allocator's free memory goes back to the OS (malloc_trim), so a burst of
+huge prompts does not leave the coordinator hundreds of MiB larger.
 
 Every request has a deadline (`ApiOptions.request_timeout_s`) from its arrival:
 past it the generation is cancelled and the client gets a 504, or an SSE error
@@ -50,6 +52,7 @@ from edgecluster.api.openai_schema import (
 from edgecluster.api.options import ApiOptions
 from edgecluster.api.request_ids import current_request_id
 from edgecluster.api.sse import open_event_stream, send_done, send_event
+from edgecluster.device.allocator import release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -209,12 +212,17 @@ class CompletionHandlers:
         self, request: web.Request, parse: Parse
     ) -> tuple[CompletionRequest, TextGeneration]:
         raw = await read_body(request, self._options.max_body_bytes)
-        if len(raw) > LARGE_BODY_BYTES:
-            req = await self._off_loop(_parse_body, raw, parse)
-        else:
-            req = _parse_body(raw, parse)
-        backend = ready_backend(self._backend, req.model)
-        ids = await self._off_loop(prompt_ids, backend, req)
+        large = len(raw) > LARGE_BODY_BYTES
+        try:
+            req = (
+                await self._off_loop(_parse_body, raw, parse) if large else _parse_body(raw, parse)
+            )
+            backend = ready_backend(self._backend, req.model)
+            ids = await self._off_loop(prompt_ids, backend, req)
+        finally:
+            if large:  # the scratch memory of a huge prompt goes back to the OS
+                with contextlib.suppress(RuntimeError):  # the pool is shut down
+                    self._cpu.submit(release_free_memory)
         max_tokens = resolve_max_tokens(
             req.max_tokens,
             prompt_tokens=len(ids),
