@@ -253,23 +253,68 @@ messages = st.lists(
 )
 
 
+short_text = st.text(st.characters(codec="utf-8"), min_size=1, max_size=12)
+good_messages = st.lists(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["user", "system", "assistant", "developer"]),
+            "content": st.one_of(
+                short_text,
+                st.lists(
+                    st.fixed_dictionaries({"type": st.just("text"), "text": short_text}),
+                    min_size=1,
+                    max_size=2,
+                ),
+            ),
+        }
+    ),
+    min_size=1,
+    max_size=2,
+)
+SAMPLING = {
+    "temperature": st.one_of(st.floats(0, 2), st.sampled_from([0, 1e-300, 1e-6, 2])),
+    "top_p": st.one_of(st.floats(1e-9, 1), st.sampled_from([5e-324, 1])),
+    "top_k": st.one_of(st.integers(-1, 400), st.just(2**63 - 1)),
+    "seed": st.one_of(st.integers(0, 1000), st.just(2**63 - 1)),
+}
+
+
 @st.composite
-def valid_ish_bodies(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
-    """A plausible request with sampling values drawn from wide ranges."""
+def good_bodies(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
+    """A valid request with sampling values from their whole ranges: always answered."""
     chat = draw(st.booleans())
-    body: dict[str, Any] = {"messages": draw(messages)} if chat else {"prompt": draw(prompts)}
-    body["max_tokens"] = draw(st.one_of(st.integers(-2, 24), st.sampled_from(SPECIAL_NUMBERS)))
-    for name in ("temperature", "top_p", "top_k", "seed"):
+    body: dict[str, Any]
+    if chat:
+        body = {"messages": draw(good_messages)}
+    else:
+        ids = st.lists(st.integers(0, 313), min_size=1, max_size=60)
+        body = {"prompt": draw(st.one_of(short_text, ids, ids.map(lambda p: [p])))}
+    limit = "max_completion_tokens" if chat and draw(st.booleans()) else "max_tokens"
+    body[limit] = draw(st.integers(1, 12))
+    for name, values in SAMPLING.items():
         if draw(st.booleans()):
-            body[name] = draw(
-                st.one_of(st.floats(-1, 3), st.integers(-2, 50), st.sampled_from(SPECIAL_NUMBERS))
-            )
+            body[name] = draw(values)
     if draw(st.booleans()):
-        body["stop"] = draw(st.one_of(st.text(max_size=4), st.lists(st.text(max_size=4))))
+        body["stop"] = draw(st.one_of(short_text, st.lists(short_text, max_size=4)))
     body["stream"] = draw(st.booleans())
     if body["stream"] and draw(st.booleans()):
         body["stream_options"] = {"include_usage": draw(st.booleans())}
     return ("/v1/chat/completions" if chat else "/v1/completions"), body
+
+
+@st.composite
+def valid_ish_bodies(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
+    """A good request with some values from far outside their ranges."""
+    path, body = draw(good_bodies())
+    chat = path == "/v1/chat/completions"
+    if draw(st.booleans()):
+        body["messages" if chat else "prompt"] = draw(messages if chat else prompts)
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+        if draw(st.integers(0, 3)) == 0:
+            body[name] = draw(
+                st.one_of(st.floats(-1, 3), st.integers(-2, 50), st.sampled_from(SPECIAL_NUMBERS))
+            )
+    return path, body
 
 
 @st.composite
@@ -287,7 +332,7 @@ def mutated_bodies(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
 @st.composite
 def raw_requests(draw: st.DrawFn) -> tuple[str, bytes, dict[str, str]]:
     """(path, body bytes, headers): JSON, broken JSON, random bytes, oversize bodies."""
-    path, body = draw(st.one_of(valid_ish_bodies(), mutated_bodies()))
+    path, body = draw(st.one_of(good_bodies(), valid_ish_bodies(), mutated_bodies()))
     raw = json.dumps(body).encode()
     kind = draw(st.sampled_from(["json", "json", "json", "truncated", "bad-utf8", "bytes", "big"]))
     if kind == "truncated":
@@ -300,7 +345,7 @@ def raw_requests(draw: st.DrawFn) -> tuple[str, bytes, dict[str, str]]:
     elif kind == "big":
         size = draw(st.sampled_from([MAX_BODY - 100, MAX_BODY + 1, 3 * MAX_BODY]))
         raw = json.dumps({"prompt": "z" * size}).encode()
-    auth = draw(st.sampled_from(["good"] * 8 + ["none", "wrong", "basic"]))
+    auth = draw(st.sampled_from(["good"] * 17 + ["none", "wrong", "basic"]))
     headers = {"Content-Type": "application/json"}
     if auth != "none":
         headers["Authorization"] = {"good": f"Bearer {KEY}", "wrong": "Bearer nope"}.get(
@@ -329,13 +374,27 @@ def baseline(server: Server) -> dict[str, Any]:
     return {"greedy": greedy, "rss": server.rss()}
 
 
-@settings(max_examples=400, **SETTINGS)
+@settings(max_examples=300, **SETTINGS)
 @given(sent=raw_requests())
 def test_random_and_mutated_requests(
     server: Server, baseline: dict[str, Any], sent: tuple[str, bytes, dict[str, str]]
 ) -> None:
     path, raw, headers = sent
     check_answer(server.send(path, raw, headers), headers.get("X-Request-Id"))
+
+
+@settings(max_examples=120, **SETTINGS)
+@given(sent=good_bodies())
+def test_valid_requests_are_answered(
+    server: Server, baseline: dict[str, Any], sent: tuple[str, dict[str, Any]]
+) -> None:
+    path, body = sent
+    answer = server.post(path, body)
+    check_answer(answer)
+    if answer.status != 200:  # a short text can still be many byte-level tokens
+        assert json.loads(answer.raw)["error"]["code"] == "context_length_exceeded", answer
+    elif body["stream"]:
+        assert answer.raw.endswith(b"data: [DONE]\n\n"), answer.raw[-300:]
 
 
 @dataclass(frozen=True)
@@ -349,7 +408,7 @@ class Drop:
 
 @st.composite
 def drops(draw: st.DrawFn) -> Drop:
-    _, body = draw(valid_ish_bodies())
+    _, body = draw(good_bodies())
     body.update(stream=draw(st.booleans()), max_tokens=draw(st.integers(1, 60)))
     if "prompt" in body:
         body["prompt"] = draw(st.lists(st.integers(0, 313), min_size=1, max_size=40))
@@ -376,7 +435,7 @@ def _drop(server: Server, drop: Drop) -> None:
                 received += len(chunk)
 
 
-@settings(max_examples=60, **SETTINGS)
+@settings(max_examples=50, **SETTINGS)
 @given(drop=drops())
 def test_clients_that_hang_up(server: Server, baseline: dict[str, Any], drop: Drop) -> None:
     _drop(server, drop)

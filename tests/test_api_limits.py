@@ -149,11 +149,14 @@ def test_malformed_bodies_are_400(raw: bytes, words: str) -> None:
     assert status == 400 and words in body["error"]["message"], body
 
 
-def test_a_tiny_temperature_means_greedy() -> None:
+def test_tiny_sampling_values_stay_safe_for_torch() -> None:
+    """temperature 1e-300 would overflow logits / t; top_p 5e-324 is 0 in float32."""
     backend = FakeBackend()
     with serve(backend) as url:
-        assert request(url + "/v1/completions", {"prompt": "x", "temperature": 1e-300})[0] == 200
-    assert backend.requests[0][1].temperature == 0.0
+        body = {"prompt": "x", "temperature": 1e-300, "top_p": 5e-324}
+        assert request(url + "/v1/completions", body)[0] == 200
+    params = backend.requests[0][1]
+    assert (params.temperature, params.top_p) == (0.0, 1e-6)
 
 
 class SlowTokenizer(FakeBackend):

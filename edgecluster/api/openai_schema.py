@@ -5,8 +5,9 @@ naming the offending field. Tokenization and context-length checks need the
 backend and happen in `completions.py`; this module knows only JSON.
 
 Every number is range-checked here before anything reaches torch: sampling values
-against their ranges, `seed` within 0..2**63-1 (torch's generator takes no more),
-and a temperature too small to divide by safely means greedy, as in vLLM. Every
+against their ranges, `seed` within 0..2**63-1 (torch's generator takes no more);
+a temperature too small to divide by safely means greedy, as in vLLM, and a top_p
+too small for float32 keeps the most likely token, as any tiny top_p does. Every
 string must be valid Unicode (no unpaired surrogates, which tokenizers reject).
 """
 
@@ -24,6 +25,7 @@ CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assist
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
 MAX_SEED = 2**63 - 1
 MIN_TEMPERATURE = 1e-5  # below this, logits / temperature can overflow: greedy instead
+MIN_TOP_P = 1e-6  # a smaller top_p is 0 in float32 and keeps no token; this keeps the top one
 
 Prompt = str | list[int]
 
@@ -134,6 +136,11 @@ def _parse_temperature(body: dict[str, Any]) -> float:
     return 0.0 if 0.0 <= temperature < MIN_TEMPERATURE else temperature
 
 
+def _parse_top_p(body: dict[str, Any]) -> float:
+    top_p = _opt_float(body, "top_p", 1.0)
+    return MIN_TOP_P if 0.0 < top_p < MIN_TOP_P else top_p
+
+
 def _opt_bool(body: dict[str, Any], name: str) -> bool:
     value = body.get(name)
     if value is None:
@@ -187,7 +194,7 @@ def _parse_sampling(body: dict[str, Any], max_tokens: int | None) -> SamplingPar
         return SamplingParams(
             max_tokens=1 if max_tokens is None else max_tokens,
             temperature=_parse_temperature(body),
-            top_p=_opt_float(body, "top_p", 1.0),
+            top_p=_parse_top_p(body),
             top_k=0 if top_k is None or top_k == -1 else top_k,  # -1: off, as in vLLM
             seed=_opt_int(body, "seed", 0, MAX_SEED),  # what torch's generator takes
         )
