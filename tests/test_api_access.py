@@ -160,6 +160,30 @@ def test_cors_preflight_and_headers_for_allowed_origins() -> None:
     assert other.status == 200 and "Access-Control-Allow-Origin" not in other.headers
 
 
+def test_cors_preflight_allows_the_headers_a_client_asks_for() -> None:
+    with serve(FakeBackend(), cors_origins=(ORIGIN,)) as url:
+        asked = call(
+            url + "/v1/chat/completions",
+            method="OPTIONS",
+            headers={
+                "Origin": ORIGIN,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,x-stainless-os,content-type",
+            },
+        )
+        bare = call(
+            url + "/v1/chat/completions",
+            method="OPTIONS",
+            headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"},
+        )
+    assert asked.status == 204
+    assert asked.headers["Access-Control-Allow-Headers"] == (
+        "authorization,x-stainless-os,content-type"
+    )
+    assert bare.status == 204
+    assert bare.headers["Access-Control-Allow-Headers"].startswith("Authorization, Content-Type")
+
+
 def test_cors_any_origin() -> None:
     with serve(FakeBackend(), cors_origins=("*",)) as url:
         preflight = _preflight(url, "https://anything.example", "/v1/completions")

@@ -6,13 +6,15 @@ never echoed. `/health` stays open so probes need no secret.
 
 `cors(origins)` answers preflights (OPTIONS with `Access-Control-Request-Method`)
 from allowed origins with 204 and the allowed methods and headers, before the key
-is checked (browsers send no credentials in a preflight); `add_cors_headers` marks
-every other response to an allowed origin. Without origins there is no CORS at all.
+is checked (browsers send no credentials in a preflight), allowing the request
+headers the preflight asks for; `add_headers` marks every other response to an
+allowed origin. Without origins there is no CORS at all.
 """
 
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -26,6 +28,7 @@ PROTECTED_PREFIX = "/v1/"
 ALLOW_METHODS = "GET, POST, OPTIONS"
 ALLOW_HEADERS = f"Authorization, Content-Type, {REQUEST_ID_HEADER}"
 PREFLIGHT_MAX_AGE_S = 600
+_HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -94,16 +97,20 @@ class CorsPolicy:
                     "coordinator's --cors-origins",
                     code="origin_not_allowed",
                 )
-            return web.Response(status=204, headers=self._preflight_headers(allow))
+            requested = request.headers.get("Access-Control-Request-Headers", "")
+            return web.Response(status=204, headers=self._preflight_headers(allow, requested))
 
         return preflight
 
     @staticmethod
-    def _preflight_headers(allow: str) -> dict[str, str]:
+    def _preflight_headers(allow: str, requested: str) -> dict[str, str]:
+        # An allowed origin may send what it asks for (OpenAI's browser client adds its
+        # own x-stainless-* headers); a malformed list gets the standard set.
+        sane = 0 < len(requested) <= 2000 and _HEADER_LIST.fullmatch(requested) is not None
         return {
             "Access-Control-Allow-Origin": allow,
             "Access-Control-Allow-Methods": ALLOW_METHODS,
-            "Access-Control-Allow-Headers": ALLOW_HEADERS,
+            "Access-Control-Allow-Headers": requested if sane else ALLOW_HEADERS,
             "Access-Control-Max-Age": str(PREFLIGHT_MAX_AGE_S),
             "Vary": "Origin",
         }
