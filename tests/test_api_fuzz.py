@@ -5,7 +5,7 @@ small byte-level BPE tokenizer and a chat template, all made by the test. Hypoth
 sends random and mutated requests (random JSON, wrong types, huge and negative
 numbers, token ids, sampling values, sizes, invalid UTF-8, truncated JSON, missing
 or wrong keys) and drops connections mid-request and mid-stream. Every answer must
-be a 2xx or 4xx in OpenAI's shape (5xx only 503/504), carry an X-Request-Id, and
+be a 2xx or 4xx in OpenAI's shape (no 5xx), carry an X-Request-Id, and
 afterwards the coordinator must be healthy, give the same greedy answer as before,
 and not have grown its memory without bound. The same cluster also shows the wait
 queue's 429 and that eight 800 KB prompts do not stall /health.
@@ -171,7 +171,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def check_answer(answer: Answer, sent_id: str | None = None) -> None:
-    assert answer.status < 500 or answer.status in (503, 504), answer
+    # No 5xx at all: a 503 (agent lost) or 504 (deadline) has no legitimate cause in
+    # this cluster, where no agent dies and every request takes well under a second.
+    assert answer.status < 500, answer
     request_id = answer.headers.get("X-Request-Id", "")
     assert request_id, answer.headers
     if sent_id is not None and _sane(sent_id):
