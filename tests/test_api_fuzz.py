@@ -29,7 +29,7 @@ import psutil
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 
-from tests.api_fuzz_inputs import KEY, MAX_BODY, Drop, drops, good_bodies, raw_requests
+from tests.api_fuzz_inputs import KEY, MAX_BODY, VOCAB, Drop, drops, good_bodies, raw_requests
 from tests.procs import HOST, ProcessPool, command, free_ports, wait_until
 
 pytestmark = pytest.mark.slow
@@ -49,7 +49,8 @@ SETTINGS = {
 
 
 def make_tiny_model(path: Path) -> Path:
-    """A 2-layer random Llama with a 300-odd-token byte-level BPE and a chat template."""
+    """A 2-layer random Llama with a byte-level BPE (fewer tokens than its VOCAB embedding
+    rows, so ids the tokenizer does not know are valid too) and a chat template."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -73,6 +74,7 @@ def make_tiny_model(path: Path) -> Path:
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|endoftext|>", chat_template=template
     )
+    assert len(tok) < VOCAB, len(tok)
     tok.save_pretrained(path)
     torch.manual_seed(11)
     config = LlamaConfig(
@@ -81,7 +83,7 @@ def make_tiny_model(path: Path) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=len(tok),
+        vocab_size=VOCAB,
         max_position_embeddings=256,
         tie_word_embeddings=False,
         eos_token_id=tok.eos_token_id,
