@@ -11,7 +11,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from edgecluster.config import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, CoordinatorConfig, cache_root
+from edgecluster.config import (
+    DEFAULT_GRPC_PORT,
+    DEFAULT_HTTP_PORT,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    CoordinatorConfig,
+    cache_root,
+    is_loopback_host,
+)
 from edgecluster.log import configure_logging
 from edgecluster.net.grpc_util import TlsFiles
 from edgecluster.units import format_bytes, parse_size
@@ -23,6 +31,71 @@ def _tls_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", type=Path, help="CA to verify peers' certificates")
 
 
+def add_http_api_args(p: argparse.ArgumentParser) -> None:
+    """The HTTP API's flags (serve; train will reuse them)."""
+    p.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT, help="HTTP API port")
+    p.add_argument(
+        "--http-host",
+        default="127.0.0.1",
+        help="address the HTTP API listens on, independently of --host (0.0.0.0: all); "
+        "beyond loopback an API key is required, and generated when not given",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("EDGE_API_KEY") or None,
+        help="clients must send 'Authorization: Bearer KEY' on /v1/* (env EDGE_API_KEY)",
+    )
+    p.add_argument(
+        "--cors-origins",
+        default="",
+        help="browser origins allowed to call the API, comma-separated, e.g. "
+        "http://localhost:3000 ('*': any; default: none)",
+    )
+    p.add_argument(
+        "--max-body", default="2MiB", help="largest request body, e.g. 2MiB (larger: 413)"
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=DEFAULT_MAX_QUEUE,
+        help="requests that may wait for a place in the batch (more: 429 with Retry-After)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT_S,
+        help="seconds a request may take in all; then it is cancelled (504)",
+    )
+
+
+def http_api_fields(args: argparse.Namespace, api_key: str | None) -> dict[str, Any]:
+    """CoordinatorConfig fields from add_http_api_args' flags (ValueError when bad)."""
+    try:
+        max_body = parse_size(args.max_body)
+    except ValueError as exc:
+        raise ValueError(f"--max-body: {exc}") from None
+    return {
+        "http_host": args.http_host,
+        "http_port": args.port,
+        "api_key": api_key,
+        "cors_origins": tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
+        "max_body_bytes": max_body,
+        "max_queue": args.max_queue,
+        "request_timeout_s": args.request_timeout,
+    }
+
+
+def resolve_api_key(args: argparse.Namespace) -> tuple[str | None, bool]:
+    """(key, generated): an API beyond loopback never runs without a key."""
+    if args.api_key:
+        return args.api_key, False
+    if is_loopback_host(args.http_host):
+        return None, False
+    from edgecluster.net.auth import generate_token
+
+    return generate_token(), True
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-coordinator", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,8 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default="none", help="none | smollm2-135m | checkpoint dir | .gguf"
     )
     serve.add_argument("--local", type=int, default=0, help="start N local agents as children")
-    serve.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: all)")
-    serve.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT, help="HTTP API port")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address for gRPC and data links (0.0.0.0: all)"
+    )
+    add_http_api_args(serve)
     serve.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
     serve.add_argument("--data-port", type=int, default=0, help="data-channel port (default: any)")
     serve.add_argument("--token", default=os.environ.get("EDGE_TOKEN"), help="cluster token")
@@ -56,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve_config(args: argparse.Namespace, token: str) -> CoordinatorConfig:
+def _serve_config(args: argparse.Namespace, token: str, api_key: str | None) -> CoordinatorConfig:
     from edgecluster.net.datachannel import default_link_delay_ms
 
     delay = args.link_delay_ms if args.link_delay_ms is not None else default_link_delay_ms()
@@ -64,7 +139,6 @@ def _serve_config(args: argparse.Namespace, token: str) -> CoordinatorConfig:
         token=token,
         model=args.model,
         host=args.host,
-        http_port=args.port,
         grpc_port=args.grpc_port,
         data_port=args.data_port,
         peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()),
@@ -78,38 +152,57 @@ def _serve_config(args: argparse.Namespace, token: str) -> CoordinatorConfig:
         link_delay_ms=delay,
         tls=TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca),
         cache_dir=cache_root(),
+        **http_api_fields(args, api_key),
     )
 
 
-def _announce(node: Any, token: str, generated: bool) -> None:
+def _announce(node: Any, token: str, generated: bool, api_key_generated: bool) -> None:
     cfg = node.config
-    where = f"gRPC {cfg.host}:{node.grpc_port}, HTTP {cfg.host}:{cfg.http_port}"
+    where = f"gRPC {cfg.host}:{node.grpc_port}, HTTP {cfg.http_host}:{cfg.http_port}"
     lines = [f"edgecluster coordinator: {where}"]
     if generated:
         lines.append(f"generated cluster token: {token}")
     lines.append(f"join a device:  edge-agent join {node.grpc_address} --token {token}")
-    if cfg.host == "127.0.0.1":
-        lines.append("(serving on loopback only; use --host 0.0.0.0 for devices on your LAN)")
+    if api_key_generated:
+        lines.append(
+            f"generated API key: {cfg.api_key}  (clients send 'Authorization: Bearer KEY'; "
+            "choose your own with --api-key or EDGE_API_KEY)"
+        )
+    grpc_local, http_local = is_loopback_host(cfg.host), is_loopback_host(cfg.http_host)
+    if grpc_local:
+        lines.append("(gRPC on loopback only; use --host 0.0.0.0 for devices on your LAN)")
+    if http_local and not grpc_local:
+        lines.append("(HTTP API on loopback only; --http-host 0.0.0.0 opens it, with an API key)")
     print("\n".join(lines), flush=True)
     if node.serving is not None:
-        threading.Thread(target=_print_when_ready, args=(node,), daemon=True).start()
+        auth = _curl_auth(cfg.api_key, api_key_generated)
+        threading.Thread(target=_print_when_ready, args=(node, auth), daemon=True).start()
 
 
-def _print_when_ready(node: Any) -> None:
+def _curl_auth(api_key: str | None, generated: bool) -> str:
+    """The curl header of the example: a key the user chose is not echoed."""
+    if api_key is None:
+        return ""
+    value = api_key if generated else "$EDGE_API_KEY"
+    return f' -H "Authorization: Bearer {value}"'
+
+
+def _print_when_ready(node: Any, auth: str) -> None:
     while not node.serving.wait_ready(1.0):
         pass
-    host = "127.0.0.1" if node.config.host == "0.0.0.0" else node.config.host
+    cfg = node.config
+    host = "127.0.0.1" if cfg.http_host in ("0.0.0.0", "::", "") else cfg.http_host
     body = json.dumps(
         {
-            "model": node.config.model,
+            "model": cfg.model,
             "messages": [{"role": "user", "content": "What is the capital of France?"}],
             "max_tokens": 32,
             "temperature": 0,
         }
     )
     print(
-        f"\nready: {node.config.model} on {len(node.membership.alive())} agents. Try:\n"
-        f"curl http://{host}:{node.config.http_port}/v1/chat/completions "
+        f"\nready: {cfg.model} on {len(node.membership.alive())} agents. Try:\n"
+        f"curl http://{host}:{cfg.http_port}/v1/chat/completions{auth} "
         f"-H 'Content-Type: application/json' -d '{body}'\n",
         flush=True,
     )
@@ -122,15 +215,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     token, generated = args.token, False
     if not token:
         token, generated = generate_token(), True
+    api_key, api_key_generated = resolve_api_key(args)
     try:
-        config = _serve_config(args, token)
+        config = _serve_config(args, token, api_key)
     except ValueError as exc:
         print(f"edge-coordinator: {exc}", file=sys.stderr)
         return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    return run_coordinator(config, stop, on_ready=lambda n: _announce(n, token, generated))
+
+    def announce(node: Any) -> None:
+        _announce(node, token, generated, api_key_generated)
+
+    return run_coordinator(config, stop, on_ready=announce)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,9 @@ from edgecluster.net.grpc_util import TlsFiles
 DEFAULT_GRPC_PORT = 50050
 DEFAULT_HTTP_PORT = 8000
 DTYPES = ("float32", "bfloat16")
+DEFAULT_MAX_BODY_BYTES = 2 << 20  # a 2 MiB JSON body holds ~250k token ids
+DEFAULT_MAX_QUEUE = 64  # requests waiting for a place in the running batch
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
 
 
 def cache_root() -> Path:
@@ -24,6 +28,40 @@ def cache_root() -> Path:
 def _check_port(name: str, port: int) -> None:
     if not 0 <= port <= 65535:
         raise ValueError(f"{name} must be between 0 and 65535, got {port}")
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when `host` (an address or 'localhost') is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_api_key(key: str | None) -> None:
+    """An HTTP API key must fit an `Authorization: Bearer KEY` header."""
+    if key is None:
+        return
+    if not key or not all(0x20 < ord(c) < 0x7F for c in key):
+        raise ValueError(
+            "--api-key must be non-empty printable ASCII without spaces "
+            "(clients send it as 'Authorization: Bearer KEY')"
+        )
+
+
+def check_cors_origins(origins: tuple[str, ...]) -> None:
+    """Each entry is '*' or an origin such as https://app.example.com:8080 (no path)."""
+    for origin in origins:
+        if origin == "*":
+            continue
+        scheme, sep, rest = origin.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+            raise ValueError(
+                f"--cors-origins entry {origin!r} must be '*' or an origin such as "
+                "https://app.example.com or http://localhost:3000 (scheme and host, no path)"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,7 +98,8 @@ class AgentConfig:
 class CoordinatorConfig:
     token: str
     model: str = "none"
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # gRPC and data channel
+    http_host: str = "127.0.0.1"  # the HTTP API, independently of `host`
     http_port: int = DEFAULT_HTTP_PORT
     grpc_port: int = DEFAULT_GRPC_PORT
     data_port: int = 0
@@ -76,10 +115,16 @@ class CoordinatorConfig:
     heartbeat_timeout_s: float = 2.5
     tls: TlsFiles = field(default_factory=TlsFiles)
     cache_dir: Path = field(default_factory=cache_root)
+    api_key: str | None = None  # None: the HTTP API takes requests without a key
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; "*": any
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_queue: int = DEFAULT_MAX_QUEUE
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if not self.token:
             raise ValueError("the coordinator needs a token (one is generated when omitted)")
+        self._check_http()
         _check_port("--port", self.http_port)
         _check_port("--grpc-port", self.grpc_port)
         if self.local_agents < 0 or self.min_agents < 1:
@@ -93,3 +138,18 @@ class CoordinatorConfig:
         for peer in self.peers:
             if ":" not in peer:
                 raise ValueError(f"--peers entry {peer!r} must be host:port (an agent's grpc port)")
+
+    def _check_http(self) -> None:
+        if not self.http_host:
+            raise ValueError("--http-host must be an address, e.g. 127.0.0.1 or 0.0.0.0")
+        check_api_key(self.api_key)
+        check_cors_origins(self.cors_origins)
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"--max-body must be at least 1KiB, got {self.max_body_bytes} bytes")
+        if self.max_queue < 1:
+            raise ValueError(f"--max-queue must be at least 1 request, got {self.max_queue}")
+        if not 0 < self.request_timeout_s <= 86400:
+            raise ValueError(
+                f"--request-timeout must be between 0 and 86400 seconds, got "
+                f"{self.request_timeout_s}"
+            )

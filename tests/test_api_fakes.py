@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgecluster.api.backend import BackendUnavailable, SamplingParams
-from edgecluster.api.http import bound_port, build_app, start_api_server
+from edgecluster.api.backend import BackendBusy, BackendUnavailable, SamplingParams
+from edgecluster.api.http import ApiOptions, bound_port, build_app, start_api_server
 
 EOS = 256
 MODEL = "fake-model"
@@ -28,7 +28,8 @@ class FakeBackend:
     """Replies with `reply` (or reply(prompt text)) byte by byte, then EOS.
 
     eos=False: repeats the reply until max_tokens. fail_after=n: raises
-    BackendUnavailable before the n-th token. Records what it was asked and how
+    BackendUnavailable before the n-th token; busy_retry_after_s: raises BackendBusy
+    before the first. Records what it was asked and how
     many tokens each request yielded before its iterator was closed.
     """
 
@@ -36,10 +37,12 @@ class FakeBackend:
     context_length: int = 256
     eos: bool = True
     fail_after: int | None = None
+    busy_retry_after_s: float | None = None  # set: every request is refused as busy
     token_delay_s: float = 0.0
     current_state: str = "ready"
     model_name: str = MODEL
     eos_token_ids: tuple[int, ...] = (EOS,)
+    vocab_size: int = EOS + 1  # the 256 bytes and EOS
     requests: list[tuple[list[int], SamplingParams]] = field(default_factory=list)
     closed: list[int] = field(default_factory=list)  # tokens yielded, per closed request
 
@@ -65,6 +68,8 @@ class FakeBackend:
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
         self.requests.append((prompt_ids, params))
+        if self.busy_retry_after_s is not None:
+            raise BackendBusy("3 requests are waiting (--max-queue 3)", self.busy_retry_after_s)
         ids = self._reply_ids(prompt_ids)
         yielded = 0
         try:
@@ -93,9 +98,12 @@ class FakeControl:
 
 @contextlib.contextmanager
 def serve(backend: FakeBackend | None, **kwargs: Any) -> Iterator[str]:
-    """Runs build_app on 127.0.0.1 (free port) in a thread; yields the base URL."""
+    """Runs build_app on 127.0.0.1 (free port) in a thread; yields the base URL.
+
+    kwargs are ApiOptions fields (api_key, max_body_bytes, request_timeout_s, ...).
+    """
     loop = asyncio.new_event_loop()
-    app = build_app(backend=backend, control=FakeControl(), **kwargs)
+    app = build_app(backend=backend, control=FakeControl(), options=ApiOptions(**kwargs))
     runner = loop.run_until_complete(start_api_server(app, host="127.0.0.1", port=0))
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -106,6 +114,40 @@ def serve(backend: FakeBackend | None, **kwargs: Any) -> Iterator[str]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: Any  # decoded JSON, or the raw bytes when not JSON
+
+
+def call(
+    url: str,
+    body: Any = None,
+    *,
+    method: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    """Like `request`, with request headers in and response headers out."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as response:
+            return _reply(response.status, dict(response.headers), response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return _reply(exc.code, dict(exc.headers), exc.read())
+
+
+def _reply(status: int, headers: dict[str, str], raw: bytes) -> Reply:
+    try:
+        return Reply(status, headers, json.loads(raw))
+    except ValueError:
+        return Reply(status, headers, raw)
 
 
 def request(url: str, body: Any = None, *, method: str | None = None) -> tuple[int, Any]:

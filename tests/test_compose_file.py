@@ -65,6 +65,8 @@ def test_roles_wiring(raw: dict[str, Any]) -> None:
     coordinator = services["coordinator"]
     assert "8000:8000" in coordinator["ports"]
     assert "--host 0.0.0.0" in coordinator["command"]
+    assert "--http-host 0.0.0.0" in coordinator["command"]  # published, so with a key:
+    assert "${EDGE_API_KEY:-" in coordinator["environment"]["EDGE_API_KEY"]
     assert "--min-agents 4" in coordinator["command"]
     assert len(raw["networks"]) == 1
     network = next(iter(raw["networks"]))

@@ -220,10 +220,17 @@ def test_down_leaves_nothing_behind(cluster: Cluster) -> None:
 # ---- the cluster over HTTP ----
 
 
+def _auth() -> dict[str, str]:
+    """The API key the compose file gives the coordinator (its API is published)."""
+    key = load_compose(COMPOSE).services["coordinator"].environment["EDGE_API_KEY"]
+    return {"Authorization": f"Bearer {key}"}
+
+
 def _get(port: int, path: str) -> tuple[int, Json]:
     """Status and JSON body; (0, {}) while nothing answers yet."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=_auth())
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.load(response)
     except urllib.error.HTTPError as exc:
         return exc.code, json.load(exc)
@@ -265,7 +272,7 @@ def _chat_request(port: int, body: Json) -> urllib.request.Request:
     return urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions",
         data=json.dumps(payload).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **_auth()},
     )
 
 

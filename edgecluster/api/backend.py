@@ -46,6 +46,11 @@ class GenerationBackend(Protocol):
     @property
     def eos_token_ids(self) -> Sequence[int]: ...
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the embedding: prompt token ids must be below it (the API checks)."""
+        ...
+
     def state(self) -> str:
         """'ready', or what it is doing: 'waiting for agents', 'distributing shards', ..."""
         ...
@@ -65,7 +70,8 @@ class GenerationBackend(Protocol):
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
         """Yields new token ids; stops at max_tokens or an EOS token (which is yielded).
 
-        Raises BackendUnavailable (before or during) when the cluster cannot serve.
+        Raises BackendUnavailable (before or during) when the cluster cannot serve, and
+        BackendBusy (before the first token) when its wait queue is full.
         Closing the iterator early (client gone, stop string hit) cancels the request.
         """
         ...

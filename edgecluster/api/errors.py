@@ -6,6 +6,7 @@ response. Nothing here knows about generation.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from aiohttp import web
@@ -36,6 +37,7 @@ class ApiError(Exception):
         error_type: str = INVALID_REQUEST,
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -43,6 +45,7 @@ class ApiError(Exception):
         self.error_type = error_type
         self.param = param
         self.code = code
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return error_body(
@@ -50,7 +53,7 @@ class ApiError(Exception):
         )
 
     def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status)
+        return web.json_response(self.body(), status=self.status, headers=self.headers)
 
 
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> ApiError:
@@ -61,3 +64,42 @@ def bad_request(message: str, *, param: str | None = None, code: str | None = No
 def unavailable(message: str, *, code: str = "backend_unavailable") -> ApiError:
     """503: the model cannot serve now (not loaded yet, agents lost, ...)."""
     return ApiError(503, message, error_type=SERVER_ERROR, code=code)
+
+
+def busy(message: str, retry_after_s: float) -> ApiError:
+    """429: the server is up but cannot take this request now; retry after a while."""
+    seconds = max(1, math.ceil(retry_after_s))  # Retry-After takes whole seconds
+    return ApiError(
+        429,
+        f"{message} (retry after {seconds} s)",
+        error_type=SERVER_ERROR,
+        code="server_busy",
+        headers={"Retry-After": str(seconds)},
+    )
+
+
+def deadline_exceeded(timeout_s: float) -> ApiError:
+    """504: the request ran past --request-timeout; its generation was cancelled."""
+    return ApiError(
+        504,
+        f"the request did not finish within its deadline of {timeout_s:g} s and was "
+        "cancelled; ask for fewer tokens, or raise the coordinator's --request-timeout",
+        error_type=SERVER_ERROR,
+        code="timeout",
+    )
+
+
+def payload_too_large(limit_bytes: int) -> ApiError:
+    """413: the body is over --max-body."""
+    return ApiError(
+        413,
+        f"the request body is larger than this server's limit of {limit_bytes} bytes; send "
+        "a shorter prompt, or raise the coordinator's --max-body",
+        code="request_too_large",
+    )
+
+
+def shorten(value: object, limit: int = 80) -> str:
+    """repr(value) cut to about `limit` characters, for echoing client input in messages."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

@@ -10,8 +10,11 @@ coordinator runs it (see `start_api_server`). Endpoints:
     POST /v1/chat/completions  OpenAI chat, streaming or not
     POST /v1/completions       OpenAI legacy completions, streaming or not
 
-Every error is an OpenAI error object (`errors.py`); every request is logged
-with method, path, status, tokens and seconds.
+Every error is an OpenAI error object (`errors.py`); every response carries
+`X-Request-Id`, and every request is logged with method, path, status, tokens,
+seconds and that id. `ApiOptions` adds an API key on /v1/* (`access.py`), CORS,
+a body-size limit (413) and a per-request deadline (504); a backend that is busy
+answers 429 with `Retry-After`.
 """
 
 from __future__ import annotations
@@ -21,23 +24,38 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
-from edgecluster.api.backend import BackendUnavailable, ControlView, GenerationBackend
+from edgecluster.api.access import CorsPolicy, require_api_key
+from edgecluster.api.backend import BackendBusy, BackendUnavailable, ControlView, GenerationBackend
 from edgecluster.api.completions import READY, USAGE_KEY, CompletionHandlers
-from edgecluster.api.errors import SERVER_ERROR, ApiError, error_body, unavailable
+from edgecluster.api.errors import (
+    SERVER_ERROR,
+    ApiError,
+    busy,
+    error_body,
+    payload_too_large,
+    unavailable,
+)
+from edgecluster.api.options import ApiOptions
+from edgecluster.api.request_ids import (
+    add_request_id_header,
+    assign_request_ids,
+    current_request_id,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ControlView", "build_app", "start_api_server"]
+__all__ = ["ApiOptions", "ControlView", "build_app", "start_api_server"]
 
-DEFAULT_MAX_TOKENS = 512  # completion budget when a request sets none (context permitting)
+OPTIONS_KEY = web.AppKey("edgecluster_api_options", ApiOptions)
 CONTROL_ONLY_STATE = "control plane only (no model)"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware
 async def log_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """One log record per request: method, path, status, tokens, seconds."""
+    """One log record per request: method, path, status, tokens, seconds, request id."""
     start = time.monotonic()
     status: int | str = "cancelled"
     try:
@@ -52,8 +70,9 @@ async def log_requests(request: web.Request, handler: Handler) -> web.StreamResp
         tokens = f"{usage.prompt_tokens}+{usage.completion_tokens}" if usage else "-"
         seconds = time.monotonic() - start
         logger.info(
-            "%s %s %s tokens=%s %.3fs", request.method, request.path, status, tokens, seconds
-        )
+            "%s %s %s tokens=%s %.3fs id=%s",
+            request.method, request.path, status, tokens, seconds, current_request_id(),
+        )  # fmt: skip
 
 
 @web.middleware
@@ -65,6 +84,10 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
         return exc.response()
     except BackendUnavailable as exc:
         return unavailable(str(exc)).response()
+    except BackendBusy as exc:
+        return busy(str(exc), exc.retry_after_s).response()
+    except web.HTTPRequestEntityTooLarge:
+        return payload_too_large(request.app[OPTIONS_KEY].max_body_bytes).response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -73,7 +96,7 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
         body = error_body(message, code=code)
         return web.json_response(body, status=exc.status, headers=_allow_header(exc))
     except Exception:
-        logger.exception("%s %s failed", request.method, request.path)
+        logger.exception("%s %s failed (id=%s)", request.method, request.path, current_request_id())
         body = error_body("internal server error", error_type=SERVER_ERROR, code="internal_error")
         return web.json_response(body, status=500)
 
@@ -129,18 +152,39 @@ class InfoHandlers:
         )
 
 
+def _middlewares(options: ApiOptions, cors: CorsPolicy | None) -> list[Middleware]:
+    """Outermost first: name the request, log it, shape errors, then CORS and the key."""
+    chain: list[Middleware] = [assign_request_ids, log_requests, openai_errors]
+    if cors is not None:
+        chain.append(cors.middleware())
+    if options.api_key is not None:
+        chain.append(require_api_key(options.api_key))
+    return chain
+
+
 def build_app(
     *,
     backend: GenerationBackend | None,
     control: ControlView,
-    default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    options: ApiOptions | None = None,
 ) -> web.Application:
     """The API over a backend (None: `--model none`, control plane only)."""
-    if default_max_tokens < 1:
-        raise ValueError(f"default_max_tokens must be at least 1, got {default_max_tokens}")
+    options = options or ApiOptions()
     info = InfoHandlers(backend, control)
-    completions = CompletionHandlers(backend, default_max_tokens=default_max_tokens)
-    app = web.Application(middlewares=[log_requests, openai_errors])
+    completions = CompletionHandlers(backend, options)
+    cors = CorsPolicy(options.cors_origins) if options.cors_origins else None
+    app = web.Application(
+        middlewares=_middlewares(options, cors), client_max_size=options.max_body_bytes
+    )
+    app[OPTIONS_KEY] = options
+    app.on_response_prepare.append(add_request_id_header)
+    if cors is not None:
+        app.on_response_prepare.append(cors.add_headers)
+
+    async def close_handlers(_: web.Application) -> None:
+        await completions.close()
+
+    app.on_cleanup.append(close_handlers)
     app.router.add_get("/health", info.health)
     app.router.add_get("/v1/cluster", info.cluster)
     app.router.add_get("/v1/models", info.models)

@@ -3,6 +3,12 @@
 Turns a decoded JSON body into a `CompletionRequest` or raises `ApiError` (400)
 naming the offending field. Tokenization and context-length checks need the
 backend and happen in `completions.py`; this module knows only JSON.
+
+Every number is range-checked here before anything reaches torch: sampling values
+against their ranges, `seed` within 0..2**63-1 (torch's generator takes no more);
+a temperature too small to divide by safely means greedy, as in vLLM, and a top_p
+too small for float32 keeps the most likely token, as any tiny top_p does. Every
+string must be valid Unicode (no unpaired surrogates, which tokenizers reject).
 """
 
 from __future__ import annotations
@@ -12,11 +18,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from edgecluster.api.backend import SamplingParams
-from edgecluster.api.errors import ApiError, bad_request
+from edgecluster.api.errors import ApiError, bad_request, shorten
 
 MAX_STOP_STRINGS = 4
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+MAX_SEED = 2**63 - 1
+MIN_TEMPERATURE = 1e-5  # below this, logits / temperature can overflow: greedy instead
+MIN_TOP_P = 1e-6  # a smaller top_p is 0 in float32 and keeps no token; this keeps the top one
 
 Prompt = str | list[int]
 
@@ -66,7 +75,7 @@ def _check_unsupported(body: dict[str, Any]) -> None:
         if name in body and not is_supported(body[name]):
             hint = " (only n=1 is supported)" if name in ("n", "best_of") else ""
             raise bad_request(
-                f"'{name}' = {body[name]!r} is not supported by this server{hint}; "
+                f"'{name}' = {shorten(body[name])} is not supported by this server{hint}; "
                 f"omit it or use its default",
                 param=name,
                 code="unsupported_parameter",
@@ -75,18 +84,25 @@ def _check_unsupported(body: dict[str, Any]) -> None:
 
 def _type_error(name: str, expected: str, value: Any) -> ApiError:
     return bad_request(
-        f"'{name}' must be {expected}, got {type(value).__name__} {value!r}",
+        f"'{name}' must be {expected}, got {type(value).__name__} {shorten(value)}",
         param=name,
         code="invalid_type",
     )
 
 
-def _opt_int(body: dict[str, Any], name: str) -> int | None:
+def _opt_int(
+    body: dict[str, Any], name: str, low: int = -MAX_SEED - 1, high: int = MAX_SEED
+) -> int | None:
+    """An optional integer within low..high (by default: what a 64-bit integer holds)."""
     value = body.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise _type_error(name, "an integer", value)
+    if not low <= value <= high:
+        raise bad_request(
+            f"'{name}' must be between {low} and {high}, got {shorten(value, 40)}", param=name
+        )
     return value
 
 
@@ -96,7 +112,33 @@ def _opt_float(body: dict[str, Any], name: str, default: float) -> float:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _type_error(name, "a number", value)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer too large for a float
+        raise bad_request(f"'{name}' = {shorten(value, 40)} is out of range", param=name) from None
+
+
+def check_text(text: str, param: str) -> str:
+    """text, if it is valid Unicode (JSON can carry unpaired surrogates; tokenizers fail)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(
+            f"'{param}' contains an unpaired surrogate (\\u{ord(text[exc.start]):04x} at "
+            f"character {exc.start}); send valid Unicode text",
+            param=param,
+        ) from None
+    return text
+
+
+def _parse_temperature(body: dict[str, Any]) -> float:
+    temperature = _opt_float(body, "temperature", 1.0)
+    return 0.0 if 0.0 <= temperature < MIN_TEMPERATURE else temperature
+
+
+def _parse_top_p(body: dict[str, Any]) -> float:
+    top_p = _opt_float(body, "top_p", 1.0)
+    return MIN_TOP_P if 0.0 < top_p < MIN_TOP_P else top_p
 
 
 def _opt_bool(body: dict[str, Any], name: str) -> bool:
@@ -112,7 +154,7 @@ def _parse_model(body: dict[str, Any]) -> str | None:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _type_error("model", "a string", model)
-    return model
+    return None if model is None else check_text(model, "model")
 
 
 def _parse_stop(value: Any) -> tuple[str, ...]:
@@ -128,7 +170,7 @@ def _parse_stop(value: Any) -> tuple[str, ...]:
         )
     if any(s == "" for s in stops):
         raise bad_request("'stop' strings must not be empty", param="stop")
-    return tuple(stops)
+    return tuple(check_text(s, "stop") for s in stops)
 
 
 def _parse_stream(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -151,10 +193,10 @@ def _parse_sampling(body: dict[str, Any], max_tokens: int | None) -> SamplingPar
     try:
         return SamplingParams(
             max_tokens=1 if max_tokens is None else max_tokens,
-            temperature=_opt_float(body, "temperature", 1.0),
-            top_p=_opt_float(body, "top_p", 1.0),
+            temperature=_parse_temperature(body),
+            top_p=_parse_top_p(body),
             top_k=0 if top_k is None or top_k == -1 else top_k,  # -1: off, as in vLLM
-            seed=_opt_int(body, "seed"),
+            seed=_opt_int(body, "seed", 0, MAX_SEED),  # what torch's generator takes
         )
     except ValueError as exc:
         message = str(exc)
@@ -165,7 +207,7 @@ def _parse_sampling(body: dict[str, Any], max_tokens: int | None) -> SamplingPar
 def _text_of_content(content: Any, index: int, role: str) -> str:
     param = f"messages[{index}].content"
     if isinstance(content, str):
-        return content
+        return check_text(content, param)
     if content is None and role == "assistant":
         return ""
     if not isinstance(content, list):
@@ -174,12 +216,13 @@ def _text_of_content(content: Any, index: int, role: str) -> str:
     for part in content:
         if not isinstance(part, dict) or part.get("type") != "text":
             raise bad_request(
-                f"{param}: only parts of type 'text' are supported, got {part!r}", param=param
+                f"{param}: only parts of type 'text' are supported, got {shorten(part)}",
+                param=param,
             )
         text = part.get("text")
         if not isinstance(text, str):
             raise _type_error(f"{param}.text", "a string", text)
-        texts.append(text)
+        texts.append(check_text(text, f"{param}.text"))
     return "\n".join(texts)
 
 
@@ -192,9 +235,10 @@ def parse_messages(value: Any) -> list[dict[str, str]]:
         if not isinstance(message, dict):
             raise _type_error(f"messages[{index}]", "an object", message)
         role = message.get("role")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:
             raise bad_request(
-                f"messages[{index}].role must be one of system, user, assistant; got {role!r}",
+                f"messages[{index}].role must be one of system, user, assistant; "
+                f"got {shorten(role)}",
                 param=f"messages[{index}].role",
             )
         content = _text_of_content(message.get("content"), index, role)
@@ -211,7 +255,7 @@ def _is_token_list(value: Any) -> bool:
 def parse_prompt(value: Any) -> Prompt:
     """A completion prompt: a string or a list of token ids (a batch of one is unwrapped)."""
     if isinstance(value, str):
-        return value
+        return check_text(value, "prompt")
     if not isinstance(value, list) or not value:
         raise bad_request(
             "'prompt' must be a string or a non-empty list of token ids", param="prompt"

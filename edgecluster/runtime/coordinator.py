@@ -142,12 +142,21 @@ class CoordinatorNode:
 
 
 async def _serve_http(node: CoordinatorNode, stop: threading.Event) -> None:
-    from edgecluster.api.http import build_app, start_api_server
+    from edgecluster.api.http import ApiOptions, build_app, start_api_server
 
-    control = ControlPlane(node.membership)
-    app = build_app(backend=node.serving, control=control)
-    runner = await start_api_server(app, host=node.config.host, port=node.config.http_port)
-    log.info("HTTP API on http://%s:%d", node.config.host, node.config.http_port)
+    cfg = node.config
+    options = ApiOptions(
+        api_key=cfg.api_key,
+        cors_origins=cfg.cors_origins,
+        max_body_bytes=cfg.max_body_bytes,
+        request_timeout_s=cfg.request_timeout_s,
+    )
+    app = build_app(backend=node.serving, control=ControlPlane(node.membership), options=options)
+    runner = await start_api_server(app, host=cfg.http_host, port=cfg.http_port)
+    log.info(
+        "HTTP API on http://%s:%d (%s)",
+        cfg.http_host, cfg.http_port, "API key required" if cfg.api_key else "no API key",
+    )  # fmt: skip
     try:
         while not stop.is_set():
             await asyncio.sleep(0.2)

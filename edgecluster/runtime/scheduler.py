@@ -83,6 +83,12 @@ class Scheduler:
         with self._cond:
             return bool(self._active or self._waiting)
 
+    @property
+    def waiting(self) -> int:
+        """Requests submitted but not yet in the running batch."""
+        with self._cond:
+            return len(self._waiting)
+
     def submit(self, req: GenRequest) -> GenRequest:
         with self._cond:
             req.seq_id = next(self._ids)

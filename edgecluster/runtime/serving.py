@@ -25,7 +25,7 @@ import grpc
 import psutil
 import torch
 
-from edgecluster.api.backend import BackendUnavailable, SamplingParams
+from edgecluster.api.backend import BackendBusy, BackendUnavailable, SamplingParams
 from edgecluster.comm.communicator import Communicator, SessionConfig
 from edgecluster.config import CoordinatorConfig
 from edgecluster.engine.hub import HubModel
@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 AGENT_RUNTIME_BYTES = 400 << 20  # python + torch + grpc in an agent, measured ~350 MiB
 READY_WAIT_S = 60.0
+QUEUE_RETRY_AFTER_S = 1.0  # the batch turns over in steps of milliseconds to seconds
 
 
 def capacity_bucket(gflops: float) -> float:
@@ -122,6 +123,10 @@ class ServingCluster:
     def eos_token_ids(self) -> Sequence[int]:
         return self.tokenizer.eos_token_ids
 
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
     def state(self) -> str:
         return "ready" if self._ready.is_set() else self._state
 
@@ -140,6 +145,7 @@ class ServingCluster:
             ready = await loop.run_in_executor(None, self._ready.wait, READY_WAIT_S)
             if not ready:
                 raise BackendUnavailable(f"the cluster is not ready: {self._state}")
+        self._check_queue()  # no await from here to submit: the bound holds
         queue: asyncio.Queue[tuple[int | None, Exception | None]] = asyncio.Queue()
 
         def emit(token: int | None, error: Exception | None) -> None:
@@ -163,6 +169,16 @@ class ServingCluster:
                 yield token
         finally:
             self.scheduler.cancel(req)
+
+    def _check_queue(self) -> None:
+        """BackendBusy (429) when --max-queue requests already wait for the batch."""
+        waiting, bound = self.scheduler.waiting, self.config.max_queue
+        if waiting >= bound:
+            raise BackendBusy(
+                f"the server is busy: {waiting} requests are already waiting for a place in "
+                f"the batch (the coordinator's --max-queue is {bound})",
+                retry_after_s=QUEUE_RETRY_AFTER_S,
+            )
 
     # ---- cluster view ----
     def cluster_view(self) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""Tokenizer and chat template of a checkpoint (transformers' reader), coordinator only."""
+"""Tokenizer and chat template of a checkpoint (transformers' reader), coordinator only.
+
+What a client's input can make fail (text for a model without a tokenizer, a
+conversation the chat template refuses) raises ValueError, which the API answers 400.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError
 from transformers import AutoTokenizer, GenerationConfig
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -47,7 +52,10 @@ class ChatTokenizer:
             text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
             return self.encode(text)
         tok = self._require()
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        try:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as exc:  # templates refuse some conversations (role order)
+            raise ValueError(f"the model's chat template refused these messages: {exc}") from exc
         return list(tok.encode(text, add_special_tokens=False))
 
     def decode(self, token_ids: Sequence[int]) -> str:
