@@ -7,7 +7,11 @@ prompt is consumed. Requests join and leave between steps, so concurrent request
 share every step (batched) rather than waiting in line.
 
 A lost agent fails every active request with BackendUnavailable naming it; the
-scheduler then waits until a new session is attached.
+scheduler then waits until a new session is attached. Any other exception in a step
+does the same (the links may be mid-step, so the session is dropped and `on_failed`
+asks for a fresh one): the loop itself never dies. A request the hub would refuse
+(a token id outside the vocabulary, positions past the context) is answered 400 at
+admission and never reaches a step.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from edgecluster.api.backend import BackendUnavailable, SamplingParams
+from edgecluster.api.errors import bad_request
 from edgecluster.comm.communicator import Communicator
-from edgecluster.engine.hub import HubModel
+from edgecluster.engine.hub import HubModel, StepInputError
 from edgecluster.engine.sampling import sample_token
 from edgecluster.errors import EdgeClusterError
 
@@ -60,6 +66,8 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._stop = False
         self.on_lost: Callable[[EdgeClusterError], None] = lambda exc: None
+        # Any other failure inside a step: the session must be reset.
+        self.on_failed: Callable[[Exception], None] = lambda exc: None
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._thread.start()
 
@@ -110,23 +118,53 @@ class Scheduler:
                     self._cond.wait()
                 if self._stop:
                     return
-                self._admit()
                 session = self._session
+                assert session is not None
+                self._admit(session[0])
                 batch = list(self._active)
-            assert session is not None
             try:
                 self._step(*session, batch)
             except EdgeClusterError as exc:
                 log.warning("step failed: %s", exc)
-                self.detach(str(exc))
-                self.on_lost(exc)
+                self._fail_session(str(exc))
+                self._notify(self.on_lost, exc)
+            except Exception as exc:  # a bug or bad input below the API: reset, keep serving
+                log.exception("step failed; resetting the session")
+                reason = (
+                    f"a generation step failed ({type(exc).__name__}: {exc}); "
+                    "the coordinator is resetting the session, retry shortly"
+                )
+                self._fail_session(reason)
+                self._notify(self.on_failed, exc)
+
+    def _fail_session(self, reason: str) -> None:
+        """Fails the requests in flight and closes the links, whatever state they are in."""
+        comm = self.detach(reason)
+        if comm is not None:
+            try:
+                comm.close()
+            except Exception:
+                log.exception("closing the failed session's links")
+
+    @staticmethod
+    def _notify(handler: Callable[[Any], None], exc: Exception) -> None:
+        try:
+            handler(exc)
+        except Exception:
+            log.exception("the scheduler's failure handler failed")
 
     def _has_work(self) -> bool:
         return bool(self._waiting or self._active)
 
-    def _admit(self) -> None:
+    def _admit(self, hub: HubModel) -> None:
         while self._waiting and len(self._active) < self._max_batch:
-            self._active.append(self._waiting.pop(0))
+            req = self._waiting.pop(0)
+            try:  # refused here, never half-sent in a step
+                hub.check_tokens(req.prompt_ids, more=req.params.max_tokens - 1)
+            except StepInputError as exc:
+                req.emit(None, bad_request(str(exc), param="prompt"))
+                continue
+            self._active.append(req)
 
     def _step(self, hub: HubModel, comm: Communicator, batch: list[GenRequest]) -> None:
         finished = [r for r in batch if r.cancelled]
