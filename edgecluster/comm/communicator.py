@@ -22,6 +22,7 @@ PeerLostError naming the lost one instead of waiting for a frame that will not c
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,6 +61,28 @@ class SessionConfig:
         return len(self.endpoints)
 
 
+def _dial_when_expected(config: SessionConfig, peer: int, name: str) -> Link:
+    """Dials `peer`, retrying while it does not expect the session yet: the
+    coordinator opens a session on all agents in parallel, so a lower rank may still
+    be loading its shard when a higher one dials it."""
+    deadline = time.monotonic() + config.connect_timeout_s
+    while True:
+        try:
+            return dial(
+                config.endpoints[peer],
+                session_id=config.session_id,
+                key=config.session_key,
+                rank=config.rank,
+                peer=name,
+                link_delay_ms=config.link_delay_ms,
+                timeout_s=max(0.1, deadline - time.monotonic()),
+            )
+        except PeerLostError as exc:
+            if "unknown session" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class Communicator:
     """Collectives over kept data-channel links. One caller thread at a time."""
 
@@ -80,15 +103,7 @@ class Communicator:
         links: dict[int, Link] = {}
         try:
             for peer in range(config.rank):
-                links[peer] = dial(
-                    config.endpoints[peer],
-                    session_id=config.session_id,
-                    key=config.session_key,
-                    rank=config.rank,
-                    peer=names[peer],
-                    link_delay_ms=config.link_delay_ms,
-                    timeout_s=config.connect_timeout_s,
-                )
+                links[peer] = _dial_when_expected(config, peer, names[peer])
             for peer in range(config.rank + 1, config.world_size):
                 link = listener.take(config.session_id, peer, config.connect_timeout_s)
                 link.peer = names[peer]
