@@ -13,8 +13,8 @@ left even after a SIGKILL. That happens in the child itself, not in a preexec_fn
 running Python between fork and exec in a process with gRPC threads can deadlock.
 
 A local agent that dies is reaped and restarted under the same name and data dir
-(so it rejoins as the same node) after 1, 2, 4, 8, 16 s; after five quick deaths in
-a row the coordinator logs an error naming its log file and keeps retrying every 30 s.
+(so it rejoins as the same node) after 1, 2, 4, 8 s; at the fifth quick death in a
+row the coordinator logs an error naming its log file and keeps retrying every 30 s.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ KEEPS_DYING = 5  # quick deaths in a row before the error says so
 
 def restart_delay_s(quick_deaths: int) -> float:
     """Seconds to wait before restarting an agent that died `quick_deaths` times in a
-    row soon after starting: 1, 2, 4, 8, 16, then 30 (slowly, while it keeps dying)."""
+    row soon after starting: 1, 2, 4, 8, then 30 (slowly, while it keeps dying)."""
     if quick_deaths <= 0:
         return 1.0
     if quick_deaths >= KEEPS_DYING:

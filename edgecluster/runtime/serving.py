@@ -280,13 +280,15 @@ class ServingCluster:
 
     def _establish(self) -> None:
         alive = self._eligible()
-        # --min-agents gates the first start; afterwards the survivors serve if they can
+        # --min-agents gates the first attempt; afterwards (even when that attempt lost an
+        # agent) the survivors serve if they can
         needed = 1 if self._served_once else self.config.min_agents
         if len(alive) < needed:
             self._state = f"waiting for agents ({len(alive)}/{needed} alive)"
             self._need_plan.set()
             self._membership.wait_for_change(1.0)
             return
+        self._served_once = True
         plan = self.plan(alive)
         if self._session is not None and _same_plan(self._session.plan, plan):
             return
