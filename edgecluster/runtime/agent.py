@@ -5,7 +5,7 @@ gRPC server starts and the agent joins with a light profile (cores, memory, disk
 space) before anything imports torch; then the compute side is built on a thread
 (torch, the measured profile, shard store, data listener, sessions) and the agent
 joins again with its full profile and data port, which updates its membership.
-Until then shard and session calls are answered UNAVAILABLE ("still starting").
+Shard and session calls that come earlier wait for the compute side.
 
 Exit codes: 0 after an orderly leave (SIGTERM/SIGINT), 1 when the compute side
 could not start, 2 when the coordinator refused our token or protocol version.
@@ -64,12 +64,16 @@ def reachable_host(bind_host: str, coordinator: str) -> str:
 
 class _StartingAgent(pb_grpc.AgentServicer):
     """The Agent service from the first moment: invitations and status at once, the
-    rest forwarded to the real service once the compute side is up."""
+    rest forwarded to the real service once the compute side is up (a call that
+    comes earlier waits for it, within its deadline)."""
 
     def __init__(self, node: AgentNode) -> None:
         self._node = node
 
     def _target(self, context: grpc.ServicerContext) -> Any:
+        """The real service, waiting (within the call's deadline) while it starts."""
+        remaining = context.time_remaining()
+        self._node.compute_ready.wait(min(remaining, 120.0) if remaining else 120.0)
         compute = self._node.compute
         if compute is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the agent is still starting; retry")
@@ -104,6 +108,7 @@ class AgentNode:
         self.node_id = load_node_id(config.data_dir)
         self.profile: DeviceProfile = light_profile(config.data_dir, config.memory_limit_bytes)
         self.compute: ComputeSide | None = None
+        self.compute_ready = threading.Event()
         self._profile_version = 0  # bumped when the full profile is in: join again
         self._coordinator: str | None = config.coordinator
         self._wake = threading.Event()
@@ -132,10 +137,12 @@ class AgentNode:
         except Exception as exc:  # noqa: BLE001 - reported, and the agent exits
             log.exception("the agent's compute side could not start")
             self._fatal = exc
+            self.compute_ready.set()  # calls waiting for it fail now instead
             stop.set()
             return
         self.compute, self.profile = compute, compute.profile
         self._profile_version += 1
+        self.compute_ready.set()
         log.info(
             "compute ready in %.2f s (data port %d); sending the full profile",
             time.monotonic() - started,
