@@ -34,6 +34,7 @@ pytestmark = pytest.mark.slow
 FAULT_TOKEN = 7
 PROMPT = [1, 5, 9, 13]
 READY_S = 120.0  # generous: two agents load a model on a busy 2-core box
+MODEL_IDS: dict[str, str] = {}  # coordinator name -> the model it serves (its --model)
 
 
 def _health(coord: Coordinator) -> int:
@@ -47,8 +48,12 @@ def _health(coord: Coordinator) -> int:
 
 
 def _complete(coord: Coordinator, prompt: list[int], max_tokens: int = 6) -> tuple[int, Any]:
-    model = coord.get_json("/v1/models")["data"][0]["id"]  # the model's path
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    body = {
+        "model": MODEL_IDS[coord.name],
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
     req = urllib.request.Request(
         coord.url + "/v1/completions",
         data=json.dumps(body).encode(),
@@ -75,6 +80,7 @@ def cluster(module_procs: ProcessPool) -> Coordinator:  # noqa: F811
         "--model", str(model), "--local", "2", "--max-context", "256",
         env={"EDGE_TEST_FAULT_TOKEN": str(FAULT_TOKEN)},
     )  # fmt: skip
+    MODEL_IDS[coord.name] = str(model)
     _wait_serving(coord, "the tiny model to be served")
     return coord
 

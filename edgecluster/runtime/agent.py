@@ -115,7 +115,9 @@ class AgentNode:
         self._found_over_mdns: set[str] = set()
         self._refused: set[str] = set()  # coordinators of other clusters seen over mDNS
         self._fatal: Exception | None = None
-        self._joined_once = threading.Event()
+        # Set once the first join was tried (or there is no coordinator to try): torch's
+        # import holds the GIL for seconds, so it waits until the join is out.
+        self._first_join_tried = threading.Event()
         service = _StartingAgent(self)
         self.server, self.port = start_server(
             host=config.host,
@@ -127,8 +129,8 @@ class AgentNode:
         self.discovery = Discovery(config.host) if config.mdns else None
 
     def _start_compute(self, stop: threading.Event) -> None:
-        """Heavy start-up, after the first join (or 2 s without one)."""
-        self._joined_once.wait(2.0)
+        """Heavy start-up, after the first join attempt (10 s at most)."""
+        self._first_join_tried.wait(10.0)
         started = time.monotonic()
         try:
             from edgecluster.runtime.agent_compute import start_compute
@@ -186,7 +188,6 @@ class AgentNode:
         )
         how = "" if compute is not None else " (light profile; measuring the device)"
         log.info("joined the coordinator at %s as %s%s", self._coordinator, self.node_id[:8], how)
-        self._joined_once.set()
         return reply.heartbeat_interval_s or self.config.heartbeat_interval_s
 
     def run(self, stop: threading.Event) -> int:
@@ -217,6 +218,7 @@ class AgentNode:
                     how = "over mDNS and " if self.discovery is not None else ""
                     log.info("waiting for a coordinator (%sinvitations)", how)
                     waiting_logged = True
+                    self._first_join_tried.set()
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
@@ -240,7 +242,10 @@ class AgentNode:
             try:
                 if joined_interval is None or joined_version != self._profile_version:
                     version = self._profile_version
-                    joined_interval = self._join(stub)
+                    try:
+                        joined_interval = self._join(stub)
+                    finally:
+                        self._first_join_tried.set()
                     joined_version = version
                 reply = stub.Heartbeat(
                     pb.HeartbeatRequest(

@@ -47,6 +47,10 @@ class AgentCallError(Exception):
         super().__init__(f"{call} to agent {name} failed: {code}: {details}")
 
     @property
+    def missed_deadline(self) -> bool:
+        return self.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    @property
     def unresponsive(self) -> bool:
         """It missed its deadline or cannot be reached: drop it from the plan."""
         return self.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)

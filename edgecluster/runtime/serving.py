@@ -252,20 +252,23 @@ class ServingCluster:
                 self._stop.wait(2.0)
 
     def _drop_unresponsive(self, exc: AgentCallsFailed) -> None:
-        """Marks dead (and leaves out of plans for a while) every agent that missed a
-        deadline or could not be reached; the next attempt plans without them."""
+        """Marks dead every agent that missed a deadline or could not be reached; one
+        that missed a deadline (alive but hung) is also left out of plans for a while.
+        The next attempt plans without them."""
         for failure in exc.failures:
-            if failure.unresponsive:
-                log.warning(
-                    "dropping agent %s: %s missed its deadline or the agent is unreachable "
-                    "(%s); planning without it for %.0f s",
-                    failure.name, failure.call, failure.code.name if failure.code else "?",
-                    QUARANTINE_S,
-                )  # fmt: skip
-                self._quarantine[failure.node_id] = time.monotonic() + QUARANTINE_S
-                self._membership.mark_dead(NodeId(failure.node_id))
-            else:
+            if not failure.unresponsive:
                 log.warning("could not establish a session: %s", failure)
+                continue
+            hung = failure.missed_deadline
+            log.warning(
+                "dropping agent %s: %s %s%s",
+                failure.name, failure.call,
+                "missed its deadline" if hung else "found it unreachable",
+                f"; planning without it for {QUARANTINE_S:.0f} s" if hung else "",
+            )  # fmt: skip
+            if hung:
+                self._quarantine[failure.node_id] = time.monotonic() + QUARANTINE_S
+            self._membership.mark_dead(NodeId(failure.node_id))
         if not any(f.unresponsive for f in exc.failures):
             self._membership.wait_for_change(2.0)
 
