@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_s = [import_torch_s() for _ in range(runs)]
     finally:
         _stop(coord)
+        shutil.rmtree(root, ignore_errors=True)
     result = {
         "benchmark": "join_time",
         "runs": runs,

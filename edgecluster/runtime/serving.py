@@ -18,7 +18,6 @@ import contextlib
 import logging
 import secrets
 import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -51,12 +50,12 @@ from edgecluster.runtime.agent_calls import (
     call_all,
     open_deadline_s,
 )
-from edgecluster.runtime.capacity import CapacityMemory
 from edgecluster.runtime.membership import Membership
+from edgecluster.runtime.roster import Roster
 from edgecluster.runtime.scheduler import GenRequest, Scheduler
 from edgecluster.runtime.shard_distribution import distribute, shard_key
 from edgecluster.runtime.tokenizer import ChatTokenizer
-from edgecluster.types import MemberInfo, NodeId
+from edgecluster.types import MemberInfo
 from edgecluster.weights.checkpoint import Checkpoint
 from edgecluster.weights.models import model_fingerprint
 from edgecluster.weights.slicing import hub_tensors
@@ -65,7 +64,6 @@ log = logging.getLogger(__name__)
 
 AGENT_RUNTIME_BYTES = 400 << 20  # python + torch + grpc in an agent, measured ~350 MiB
 READY_WAIT_S = 60.0
-QUARANTINE_S = 60.0  # an agent that missed a deadline is left out of plans this long
 
 
 @dataclass
@@ -107,8 +105,7 @@ class ServingCluster:
         self.scheduler = Scheduler()
         self.scheduler.on_lost = self._lost
         self.scheduler.on_failed = self._step_failed
-        self._capacities = CapacityMemory()
-        self._quarantine: dict[str, float] = {}  # node id -> monotonic time it may return
+        self._roster = Roster(membership)
         self._state = "waiting for agents"
         self._session: _Session | None = None
         self._served_once = False
@@ -238,7 +235,8 @@ class ServingCluster:
             try:
                 self._establish()
             except AgentCallsFailed as exc:
-                self._drop_unresponsive(exc)
+                if not self._roster.drop_unresponsive(exc):
+                    self._membership.wait_for_change(2.0)
                 self._state = f"cannot serve yet: {exc}"
                 self._need_plan.set()
             except (EdgeClusterError, grpc.RpcError) as exc:
@@ -251,38 +249,8 @@ class ServingCluster:
                 self._need_plan.set()
                 self._stop.wait(2.0)
 
-    def _drop_unresponsive(self, exc: AgentCallsFailed) -> None:
-        """Marks dead every agent that missed a deadline or could not be reached; one
-        that missed a deadline (alive but hung) is also left out of plans for a while.
-        The next attempt plans without them."""
-        for failure in exc.failures:
-            if not failure.unresponsive:
-                log.warning("could not establish a session: %s", failure)
-                continue
-            hung = failure.missed_deadline
-            log.warning(
-                "dropping agent %s: %s %s%s",
-                failure.name, failure.call,
-                "missed its deadline" if hung else "found it unreachable",
-                f"; planning without it for {QUARANTINE_S:.0f} s" if hung else "",
-            )  # fmt: skip
-            if hung:
-                self._quarantine[failure.node_id] = time.monotonic() + QUARANTINE_S
-            self._membership.mark_dead(NodeId(failure.node_id))
-        if not any(f.unresponsive for f in exc.failures):
-            self._membership.wait_for_change(2.0)
-
-    def _eligible(self) -> list[MemberInfo]:
-        """Alive agents that finished profiling and are not in quarantine."""
-        now = time.monotonic()
-        return [
-            m
-            for m in self._membership.alive()
-            if m.profile.matmul_gflops > 0 and self._quarantine.get(m.id, 0.0) <= now
-        ]
-
     def _establish(self) -> None:
-        alive = self._eligible()
+        alive = self._roster.eligible()
         # --min-agents gates the first attempt; afterwards (even when that attempt lost an
         # agent) the survivors serve if they can
         needed = 1 if self._served_once else self.config.min_agents
@@ -320,7 +288,7 @@ class ServingCluster:
             AgentCapacity(
                 node_id=m.id,
                 name=m.name,
-                matmul_gflops=self._capacities.planned(m.id, m.profile.matmul_gflops),
+                matmul_gflops=self._roster.planned_gflops(m),
                 memory_budget_bytes=m.profile.memory_budget_bytes,
                 runtime_bytes=m.profile.runtime_rss_bytes or AGENT_RUNTIME_BYTES,
                 disk_read_bytes_per_s=m.profile.disk_read_bytes_per_s,
@@ -403,7 +371,16 @@ class ServingCluster:
             endpoints=(f"{self.config.host}:{self._listener.port}", *agent_endpoints),
             link_delay_ms=self.config.link_delay_ms,
         )
-        comm = Communicator.connect(config, self._listener, ["hub", *[m.name for m in order]])
+        try:
+            comm = Communicator.connect(config, self._listener, ["hub", *[m.name for m in order]])
+        except PeerLostError as exc:  # its session opened, its data link did not
+            self._close_sessions(stubs, session_id)
+            self._listener.forget(session_id)
+            for member in order:
+                if member.name == exc.peer:
+                    why = f"its data link did not open ({exc})"
+                    self._roster.drop_hung(member.id, member.name, why)
+            raise
         self.scheduler.attach(self.hub, comm)
         return comm
 
