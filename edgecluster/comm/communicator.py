@@ -252,7 +252,9 @@ class Communicator:
         return incoming
 
     def close(self) -> None:
-        for link in self._links.values():
+        """Idempotent; safe while another thread closes it too (a failed step and a
+        re-plan can both close a session's links)."""
+        for link in list(self._links.values()):
             link.close()
         self._links.clear()
         self._sender.shutdown(wait=False)

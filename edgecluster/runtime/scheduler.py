@@ -65,6 +65,8 @@ class Scheduler:
         self._session: tuple[HubModel, Communicator] | None = None
         self._ids = itertools.count(1)
         self._stop = False
+        self._held = False  # no new step while the session is being replaced
+        self._stepping = False  # a step (or its retirement) is using the session
         self.on_lost: Callable[[EdgeClusterError], None] = lambda exc: None
         # Any other failure inside a step: the session must be reset.
         self.on_failed: Callable[[Exception], None] = lambda exc: None
@@ -75,6 +77,7 @@ class Scheduler:
     def attach(self, hub: HubModel, comm: Communicator) -> None:
         with self._cond:
             self._session = (hub, comm)
+            self._held = False
             self._cond.notify_all()
 
     def detach(self, reason: str) -> Communicator | None:
@@ -114,7 +117,9 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and (self._session is None or not self._has_work()):
+                while not self._stop and (
+                    self._session is None or self._held or not self._has_work()
+                ):
                     self._cond.wait()
                 if self._stop:
                     return
@@ -122,29 +127,72 @@ class Scheduler:
                 assert session is not None
                 self._admit(session[0])
                 batch = list(self._active)
+                self._stepping = True
             try:
                 self._step(*session, batch)
             except EdgeClusterError as exc:
                 log.warning("step failed: %s", exc)
-                self._fail_session(str(exc))
-                self._notify(self.on_lost, exc)
+                self._after_failure(session, batch, str(exc), self.on_lost, exc)
             except Exception as exc:  # a bug or bad input below the API: reset, keep serving
                 log.exception("step failed; resetting the session")
                 reason = (
                     f"a generation step failed ({type(exc).__name__}: {exc}); "
                     "the coordinator is resetting the session, retry shortly"
                 )
-                self._fail_session(reason)
-                self._notify(self.on_failed, exc)
+                self._after_failure(session, batch, reason, self.on_failed, exc)
+            finally:
+                with self._cond:
+                    self._stepping = False
+                    self._cond.notify_all()
 
-    def _fail_session(self, reason: str) -> None:
-        """Fails the requests in flight and closes the links, whatever state they are in."""
-        comm = self.detach(reason)
-        if comm is not None:
-            try:
-                comm.close()
-            except Exception:
-                log.exception("closing the failed session's links")
+    def _after_failure(
+        self,
+        session: tuple[HubModel, Communicator],
+        batch: list[GenRequest],
+        reason: str,
+        handler: Callable[[Any], None],
+        exc: Exception,
+    ) -> None:
+        """The owner hears of a failed session first (so it stops saying 'ready' before
+        any client hears of the failure); then the step's requests fail and its links
+        close. A session replaced meanwhile (a re-plan) concerns nobody but its batch."""
+        with self._cond:
+            current = self._session is session
+        if current:
+            self._notify(handler, exc)
+        with self._cond:
+            current = self._session is session
+        if current:
+            self.detach(reason)
+        else:
+            with self._cond:
+                self._active = [r for r in self._active if r not in batch]
+            for req in batch:  # those the owner's detach failed already ignore a second error
+                req.emit(None, BackendUnavailable(reason))
+        try:
+            session[1].close()
+        except Exception:
+            log.exception("closing the failed session's links")
+
+    def hold(self) -> bool:
+        """Stops taking steps if no request is mid-generation (True), so the session can
+        be replaced without failing anyone; waiting requests stay queued. False when
+        requests are active. `release` (or `attach`) resumes."""
+        with self._cond:
+            if self._active or self._stepping:
+                return False
+            self._held = True
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+    def attached(self, comm: Communicator) -> bool:
+        """Whether `comm` is the session the scheduler steps on."""
+        with self._cond:
+            return self._session is not None and self._session[1] is comm
 
     @staticmethod
     def _notify(handler: Callable[[Any], None], exc: Exception) -> None:

@@ -229,8 +229,11 @@ class ServingCluster:
             self._need_plan.wait(0.5)
             if self._stop.is_set() or not self._need_plan.is_set():
                 continue
-            if self._session is not None and self.scheduler.busy:
-                continue  # take new agents in once idle
+            # A session in use is replaced (new agents taken in) only when no request is
+            # mid-generation; requests that arrive meanwhile wait for the new session.
+            held = self._session is not None
+            if held and not self.scheduler.hold():
+                continue
             self._need_plan.clear()
             try:
                 self._establish()
@@ -248,6 +251,9 @@ class ServingCluster:
                 log.exception("could not establish a session")
                 self._need_plan.set()
                 self._stop.wait(2.0)
+            finally:
+                if held:
+                    self.scheduler.release()
 
     def _establish(self) -> None:
         alive = self._roster.eligible()
@@ -261,7 +267,8 @@ class ServingCluster:
             return
         self._served_once = True
         plan = self.plan(alive)
-        if self._session is not None and _same_plan(self._session.plan, plan):
+        current = self._session
+        if current and _same_plan(current.plan, plan) and self.scheduler.attached(current.comm):
             return
         self.open_session(plan, alive)
         log.info("serving %s on %d agents", self._name, len(plan.placements))
