@@ -11,7 +11,9 @@ scheduler then waits until a new session is attached. Any other exception in a s
 does the same (the links may be mid-step, so the session is dropped and `on_failed`
 asks for a fresh one): the loop itself never dies. A request the hub would refuse
 (a token id outside the vocabulary, positions past the context) is answered 400 at
-admission and never reaches a step.
+admission and never reaches a step. The owner (`on_lost` / `on_failed`) hears of a
+failure before the requests do, and a session is replaced between steps only
+(`hold`): a re-plan never fails a request that has not started.
 """
 
 from __future__ import annotations
