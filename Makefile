@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# make serve PORT=8080 GRPC_PORT=50051 when the defaults are taken
+PORT      ?= 8000
+GRPC_PORT ?= 50050
+
 serve: install
-	$(BIN)/edge-coordinator serve --model smollm2-135m --local 3
+	$(BIN)/edge-coordinator serve --model smollm2-135m --local 3 --port $(PORT) --grpc-port $(GRPC_PORT)
 
 lint: install
 	$(BIN)/ruff check .

@@ -73,6 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
+    from edgecluster.runtime.ports import first_taken
+
+    taken = first_taken(
+        [
+            (config.host, config.port, "--port", "--port (0: any free port)"),
+            (config.host, config.data_port, "--data-port", "--data-port (0: any free port)"),
+        ]
+    )
+    if taken:
+        print(f"edge-agent: {taken}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

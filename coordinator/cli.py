@@ -221,6 +221,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"edge-coordinator: {exc}", file=sys.stderr)
         return 2
+    taken = _taken_port(config)
+    if taken:
+        print(f"edge-coordinator: {taken}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -229,6 +233,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _announce(node, token, generated, api_key_generated)
 
     return run_coordinator(config, stop, on_ready=announce)
+
+
+def _taken_port(config: CoordinatorConfig) -> str | None:
+    """Checked before anything is printed or loaded: one line naming the flag to change."""
+    from edgecluster.runtime.ports import first_taken
+
+    http_host = getattr(config, "http_host", config.host)  # the API may listen elsewhere
+    return first_taken(
+        [
+            (http_host, config.http_port, "--port", "--port, or PORT=... for make serve"),
+            (
+                config.host,
+                config.grpc_port,
+                "--grpc-port",
+                "--grpc-port, or GRPC_PORT=... for make serve",
+            ),
+            (config.host, config.data_port, "--data-port", "--data-port (0: any free port)"),
+        ]
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:

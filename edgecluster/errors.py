@@ -17,11 +17,15 @@ class TensorMessageError(EdgeClusterError, ValueError):
     """A tensor message does not match its declared dtype, shape or size limits."""
 
 
+COORDINATOR_PEER = "the coordinator (hub)"  # how agents name rank 0 of a session
+
+
 class PeerLostError(EdgeClusterError):
     """A peer of a session disconnected or stopped answering."""
 
     def __init__(self, peer: str, detail: str) -> None:
-        super().__init__(f"lost agent {peer}: {detail}")
+        who = "the coordinator" if peer == COORDINATOR_PEER else f"agent {peer}"
+        super().__init__(f"lost {who}: {detail}")
         self.peer = peer
 
 

@@ -72,7 +72,9 @@ class ParityCluster:
             time.sleep(0.1)
 
     def members(self) -> list[MemberInfo]:
-        return sorted(self.node.membership.alive(), key=lambda m: m.name)
+        """Alive agents with their measured profile (they join first, then measure)."""
+        alive = self.node.membership.alive()
+        return sorted((m for m in alive if m.profile.matmul_gflops > 0), key=lambda m: m.name)
 
     def serving(self, model_dir: Path, max_context: int = 2048) -> ServingCluster:
         config = CoordinatorConfig(

@@ -228,6 +228,7 @@ class ProcessPool:
         mdns: bool = False,
         wait: bool = True,
         name: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> Coordinator:
         grpc_port, http_port = free_ports(2)
         argv = [
@@ -238,7 +239,7 @@ class ProcessPool:
             argv += ["--token", token]
         if not mdns:
             argv.append("--no-mdns")
-        base = self.start(name or unique_name("coordinator"), argv)
+        base = self.start(name or unique_name("coordinator"), argv, self.env(**(env or {})))
         self.procs.remove(base)
         coord = Coordinator(
             base.name, base.popen, base.stdout_path, base.stderr_path, base.started_at,

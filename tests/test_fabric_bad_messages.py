@@ -132,7 +132,7 @@ def _still_serving(cluster: Cluster, stub: pb_grpc.AgentStub) -> None:
     assert stub.Status(pb.Empty(), timeout=5).node_id
     member = cluster.coord.member(cluster.name)
     assert member is not None and member["state"] == "alive", member
-    assert member["last_seen_s_ago"] < 1.5, member  # heartbeats still arrive (every 0.5 s)
+    assert member["last_seen_s_ago"] < 2.4, member  # heartbeats still arrive (every 0.5 s)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_STREAMS))

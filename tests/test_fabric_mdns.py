@@ -6,7 +6,7 @@ import time
 
 from tests.procs import ProcessPool, procs, unique_name  # noqa: F401  (fixture)
 
-FOUND_WITHIN_S = 5.0  # mDNS probing alone takes about 1.4 s
+FOUND_WITHIN_S = 15.0  # mDNS probing alone takes about 1.4 s; margin for a loaded box
 
 
 def test_an_agent_finds_the_coordinator_over_mdns(procs: ProcessPool) -> None:  # noqa: F811

@@ -186,3 +186,24 @@ def test_the_sweeper_thread_declares_the_silent_dead(members, clock) -> None:
         stop.set()
         thread.join(5)
     assert not thread.is_alive()
+
+
+def test_a_second_join_of_an_alive_member_updates_its_profile_and_keeps_its_runtime(
+    members,
+) -> None:
+    from dataclasses import replace
+
+    from edgecluster.types import AgentRuntime
+
+    m, events = members
+    light = _member("a1", "alpha")
+    light = replace(light, profile=replace(light.profile, matmul_gflops=0.0), data_port=0)
+    m.join(light)
+    m.heartbeat(NodeId("a1"), runtime=AgentRuntime(rss_bytes=123 << 20))
+    m.join(_member("a1", "alpha"))  # the measured profile, with its data port
+    member = m.get(NodeId("a1"))
+    assert member is not None and member.state == ALIVE
+    assert member.profile.matmul_gflops == 20.0 and member.data_port == 2
+    assert member.runtime.rss_bytes == 123 << 20
+    assert [x.name for x in m.snapshot()] == ["alpha"]
+    assert events == [("alpha", "joined"), ("alpha", "updated")]

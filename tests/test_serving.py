@@ -3,7 +3,8 @@
 Real processes on loopback, the real default model, the official openai client.
 Checks the answer, that concurrent requests batched together each get exactly what
 they get alone, and that a lost agent fails its request with a 503 naming it while
-the coordinator re-plans and serves the next request.
+the coordinator re-plans and serves the next request (and, being a `--local` agent,
+is restarted and taken back in).
 """
 
 from __future__ import annotations
@@ -192,11 +193,16 @@ def test_lost_agent_fails_its_request_then_the_cluster_replans(server: Server) -
     assert any("error" in e and victim_name in e for e in events), events[-3:]
     assert "data: [DONE]" not in events
     started = time.monotonic()
-    wait_until(lambda: server.health()[0] == 200, 10, "the coordinator to re-plan")
-    assert time.monotonic() - started < 10
+    wait_until(lambda: server.health()[0] == 200, 90, "the coordinator to re-plan")
+    assert time.monotonic() - started < 90  # generous: a loaded box re-slices 2 shards
     assert "Paris" in _complete(server, "The capital of France is", 8)
-    status, view = server.request("GET", "/v1/cluster")
-    alive = [a for a in view["agents"] if a["state"] == "alive"]
-    assert len(alive) == 2 and all(a["shard"] for a in alive)
-    dead = [a for a in view["agents"] if a["name"] == victim_name]
-    assert dead and dead[0]["state"] == "dead" and dead[0]["shard"] is None
+
+    # A `--local` agent is restarted: it rejoins as the same node and is taken back in.
+    def all_three_serving() -> bool:
+        status, view = server.request("GET", "/v1/cluster")
+        alive = [a for a in view["agents"] if a["state"] == "alive"]
+        return len(alive) == 3 and all(a["shard"] for a in alive)
+
+    wait_until(all_three_serving, 120, f"{victim_name} to be restarted and taken back in", 0.5)
+    assert not victim.is_running() or victim.status() != psutil.STATUS_ZOMBIE
+    assert "Paris" in _complete(server, "The capital of France is", 8)

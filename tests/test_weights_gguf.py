@@ -50,7 +50,7 @@ def test_default_model_converts_once(cache_dir: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(gguf_convert, "convert_gguf", no_reconversion)
     started = time.monotonic()
     assert resolve_model(DEFAULT_MODEL) == path
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 5.0  # no conversion (that takes ~15 s); load margin
 
     ckpt = Checkpoint(path)
     cfg = ckpt.model_config

@@ -95,6 +95,29 @@ class SessionConfig:
         return len(self.endpoints)
 
 
+def _dial_when_expected(config: SessionConfig, peer: int, name: str) -> Link:
+    """Dials `peer`, retrying while it does not expect the session yet: the
+    coordinator opens a session on all agents in parallel, so a lower rank may still
+    be loading its shard when a higher one dials it."""
+    deadline = time.monotonic() + config.connect_timeout_s
+    while True:
+        try:
+            return dial(
+                config.endpoints[peer],
+                session_id=config.session_id,
+                key=config.session_key,
+                rank=config.rank,
+                peer=name,
+                link_delay_ms=config.link_delay_ms,
+                timeout_s=max(0.1, deadline - time.monotonic()),
+                encrypt=config.encrypt,
+            )
+        except PeerLostError as exc:
+            if "unknown session" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class Communicator:
     """Collectives over kept data-channel links. One caller thread at a time."""
 
@@ -123,16 +146,7 @@ class Communicator:
         links: dict[int, Link] = {}
         try:
             for peer in range(config.rank):
-                links[peer] = dial(
-                    config.endpoints[peer],
-                    session_id=config.session_id,
-                    key=config.session_key,
-                    rank=config.rank,
-                    peer=names[peer],
-                    link_delay_ms=config.link_delay_ms,
-                    timeout_s=config.connect_timeout_s,
-                    encrypt=config.encrypt,
-                )
+                links[peer] = _dial_when_expected(config, peer, names[peer])
             for peer in range(config.rank + 1, config.world_size):
                 link = listener.take(config.session_id, peer, config.connect_timeout_s)
                 link.peer = names[peer]
@@ -347,10 +361,12 @@ class Communicator:
         return incoming
 
     def close(self) -> None:
+        """Idempotent; safe while another thread closes it too (a failed step and a
+        re-plan can both close a session's links)."""
         with self._stepping:
             self._closed = True
             self._stepping.notify_all()
-        for link in self._links.values():
+        for link in list(self._links.values()):
             link.close()
         self._links.clear()
         self._sender.shutdown(wait=False)

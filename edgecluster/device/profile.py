@@ -3,6 +3,11 @@
 Cores (respecting affinity and a cgroup CPU quota), memory (respecting a cgroup
 memory limit), free disk, sequential disk read speed (direct I/O, bypassing the
 page cache where the filesystem allows) and matmul GFLOPS.
+
+`light_profile` needs no torch (this module imports it only inside the functions
+that compute): an agent joins with it at once and sends `profile_device`'s full
+measurement once torch is loaded. A light profile has matmul_gflops 0, which the
+coordinator reads as "still profiling".
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import time
 from pathlib import Path
 
 import psutil
-import torch
 
 from edgecluster.types import DeviceProfile
 
@@ -101,6 +105,8 @@ def measure_matmul_gflops(size: int = 256, budget_s: float = 0.15) -> float:
     Busy neighbours and CPU quotas only ever stretch a run, so the fastest one is the
     device's own speed: repeatable whatever else is running at start.
     """
+    import torch
+
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)  # warm-up
     fastest, deadline = float("inf"), time.perf_counter() + budget_s
@@ -111,6 +117,8 @@ def measure_matmul_gflops(size: int = 256, budget_s: float = 0.15) -> float:
 
 
 def detect_accelerator() -> str:
+    import torch
+
     if torch.cuda.is_available():
         return f"cuda:{torch.cuda.get_device_name(0)}"
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -138,12 +146,37 @@ def remember_best(data_dir: Path, **measured: float) -> dict[str, float]:
     return best
 
 
-def profile_device(data_dir: Path, memory_limit_bytes: int = 0) -> DeviceProfile:
+def _memory() -> tuple[int, int]:
+    """(total, available) bytes, within a cgroup memory limit."""
     mem = psutil.virtual_memory()
     total, available = mem.total, mem.available
     cg_limit = cgroup_memory_limit()
     if cg_limit:
         total, available = min(total, cg_limit), min(available, cg_limit)
+    return total, available
+
+
+def light_profile(data_dir: Path, memory_limit_bytes: int = 0) -> DeviceProfile:
+    """What costs nothing to know (cores, memory, disk space): the profile an agent
+    joins with before it loads torch. No speeds are measured (matmul_gflops 0)."""
+    total, available = _memory()
+    return DeviceProfile(
+        cpu_count=max(1, math.ceil(effective_cpus())),
+        memory_total_bytes=total,
+        memory_available_bytes=available,
+        disk_free_bytes=shutil.disk_usage(data_dir if data_dir.exists() else "/").free,
+        disk_read_bytes_per_s=0.0,
+        matmul_gflops=0.0,
+        memory_limit_bytes=memory_limit_bytes,
+        runtime_rss_bytes=psutil.Process().memory_info().rss,
+        cpu_limit=cgroup_cpu_quota() or 0.0,
+    )
+
+
+def profile_device(data_dir: Path, memory_limit_bytes: int = 0) -> DeviceProfile:
+    import torch
+
+    total, available = _memory()
     start = time.perf_counter()
     quota = cgroup_cpu_quota()
     # A quota lets each period run at full speed briefly: scale the burst rate by the

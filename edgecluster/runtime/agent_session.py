@@ -21,7 +21,7 @@ from edgecluster.comm.communicator import Communicator, SessionConfig
 from edgecluster.device.allocator import release_free_memory
 from edgecluster.engine.agent_loop import run_agent_session
 from edgecluster.engine.shard_executor import ShardExecutor, WeightSource
-from edgecluster.errors import EdgeClusterError
+from edgecluster.errors import COORDINATOR_PEER, EdgeClusterError
 from edgecluster.model_config import ATTN, MLP, block_name
 from edgecluster.net.auth import derive_session_key
 from edgecluster.net.datachannel import DataListener
@@ -193,10 +193,18 @@ class AgentSessions:
             peak_rss_bytes=peak_rss_bytes(),
         )
 
+    def _connect(self, req: SessionRequest) -> Communicator:
+        """The session's links, each peer named for the log: rank 0 is the coordinator;
+        of the other agents we know only their rank and address."""
+        cfg = req.comm
+        names = [COORDINATOR_PEER]
+        names += [f"rank {r} ({ep})" for r, ep in enumerate(cfg.endpoints[1:], start=1)]
+        return Communicator.connect(cfg, self._listener, names)
+
     def _serve(self, req: SessionRequest, executor: ShardExecutor) -> None:
         sid = req.comm.session_id
         try:
-            comm = Communicator.connect(req.comm, self._listener)
+            comm = self._connect(req)
         except EdgeClusterError as exc:
             log.warning("session %s: could not open links: %s", sid[:8], exc)
             return

@@ -2,7 +2,9 @@
 
 Thread-safe. A node is `alive` while heartbeats arrive, `dead` once none came for
 `timeout_s`, `left` after an orderly leave. A node that joins again with the same
-id (same name and data dir) is the same member, alive again.
+id (same name and data dir) is the same member, alive again. A join from a member
+that is alive already updates it (an agent joins first with a light profile, then
+with its measured one): listeners hear `updated`, not `joined`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from edgecluster.types import AgentRuntime, MemberInfo, NodeId
 log = logging.getLogger(__name__)
 
 ALIVE, DEAD, LEFT = "alive", "dead", "left"
-Listener = Callable[[MemberInfo, str], None]  # (member, event: joined|dead|left)
+Listener = Callable[[MemberInfo, str], None]  # (member, event: joined|updated|dead|left)
 
 
 class Membership:
@@ -36,9 +38,17 @@ class Membership:
 
     def join(self, member: MemberInfo) -> None:
         with self._lock:
+            before = self._members.get(member.id)
+            update = before is not None and before.state == ALIVE
+            if update and before is not None:
+                member = replace(member, runtime=before.runtime)  # heartbeats keep it fresh
             self._members[member.id] = replace(member, state=ALIVE)
             self._seen[member.id] = self._clock()
             self._changed.notify_all()
+        if update:
+            log.info("agent %s (%s) updated its profile", member.name, member.id[:8])
+            self._emit(member, "updated")
+            return
         log.info("agent %s (%s) joined from %s", member.name, member.id[:8], member.address)
         self._emit(member, "joined")
 

@@ -7,7 +7,13 @@ prompt is consumed. Requests join and leave between steps, so concurrent request
 share every step (batched) rather than waiting in line.
 
 A lost agent fails every active request with BackendUnavailable naming it; the
-scheduler then waits until a new session is attached.
+scheduler then waits until a new session is attached. Any other exception in a step
+does the same (the links may be mid-step, so the session is dropped and `on_failed`
+asks for a fresh one): the loop itself never dies. A request the hub would refuse
+(a token id outside the vocabulary, positions past the context) is answered 400 at
+admission and never reaches a step. The owner (`on_lost` / `on_failed`) hears of a
+failure before the requests do, and a session is replaced between steps only
+(`hold`): a re-plan never fails a request that has not started.
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from edgecluster.api.backend import BackendUnavailable, SamplingParams
+from edgecluster.api.errors import bad_request
 from edgecluster.comm.communicator import Communicator
-from edgecluster.engine.hub import HubModel
+from edgecluster.engine.hub import HubModel, StepInputError
 from edgecluster.engine.sampling import sample_token
 from edgecluster.errors import EdgeClusterError
 
@@ -59,7 +67,11 @@ class Scheduler:
         self._session: tuple[HubModel, Communicator] | None = None
         self._ids = itertools.count(1)
         self._stop = False
+        self._held = False  # no new step while the session is being replaced
+        self._stepping = False  # a step (or its retirement) is using the session
         self.on_lost: Callable[[EdgeClusterError], None] = lambda exc: None
+        # Any other failure inside a step: the session must be reset.
+        self.on_failed: Callable[[Exception], None] = lambda exc: None
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._thread.start()
 
@@ -67,6 +79,7 @@ class Scheduler:
     def attach(self, hub: HubModel, comm: Communicator) -> None:
         with self._cond:
             self._session = (hub, comm)
+            self._held = False
             self._cond.notify_all()
 
     def detach(self, reason: str) -> Communicator | None:
@@ -112,27 +125,102 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and (self._session is None or not self._has_work()):
+                while not self._stop and (
+                    self._session is None or self._held or not self._has_work()
+                ):
                     self._cond.wait()
                 if self._stop:
                     return
-                self._admit()
                 session = self._session
+                assert session is not None
+                self._admit(session[0])
                 batch = list(self._active)
-            assert session is not None
+                self._stepping = True
             try:
                 self._step(*session, batch)
             except EdgeClusterError as exc:
                 log.warning("step failed: %s", exc)
-                self.detach(str(exc))
-                self.on_lost(exc)
+                self._after_failure(session, batch, str(exc), self.on_lost, exc)
+            except Exception as exc:  # a bug or bad input below the API: reset, keep serving
+                log.exception("step failed; resetting the session")
+                reason = (
+                    f"a generation step failed ({type(exc).__name__}: {exc}); "
+                    "the coordinator is resetting the session, retry shortly"
+                )
+                self._after_failure(session, batch, reason, self.on_failed, exc)
+            finally:
+                with self._cond:
+                    self._stepping = False
+                    self._cond.notify_all()
+
+    def _after_failure(
+        self,
+        session: tuple[HubModel, Communicator],
+        batch: list[GenRequest],
+        reason: str,
+        handler: Callable[[Any], None],
+        exc: Exception,
+    ) -> None:
+        """The owner hears of a failed session first (so it stops saying 'ready' before
+        any client hears of the failure); then the step's requests fail and its links
+        close. A session replaced meanwhile (a re-plan) concerns nobody but its batch."""
+        with self._cond:
+            current = self._session is session
+        if current:
+            self._notify(handler, exc)
+        with self._cond:
+            current = self._session is session
+        if current:
+            self.detach(reason)
+        else:
+            with self._cond:
+                self._active = [r for r in self._active if r not in batch]
+            for req in batch:  # those the owner's detach failed already ignore a second error
+                req.emit(None, BackendUnavailable(reason))
+        try:
+            session[1].close()
+        except Exception:
+            log.exception("closing the failed session's links")
+
+    def hold(self) -> bool:
+        """Stops taking steps if no request is mid-generation (True), so the session can
+        be replaced without failing anyone; waiting requests stay queued. False when
+        requests are active. `release` (or `attach`) resumes."""
+        with self._cond:
+            if self._active or self._stepping:
+                return False
+            self._held = True
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+    def attached(self, comm: Communicator) -> bool:
+        """Whether `comm` is the session the scheduler steps on."""
+        with self._cond:
+            return self._session is not None and self._session[1] is comm
+
+    @staticmethod
+    def _notify(handler: Callable[[Any], None], exc: Exception) -> None:
+        try:
+            handler(exc)
+        except Exception:
+            log.exception("the scheduler's failure handler failed")
 
     def _has_work(self) -> bool:
         return bool(self._waiting or self._active)
 
-    def _admit(self) -> None:
+    def _admit(self, hub: HubModel) -> None:
         while self._waiting and len(self._active) < self._max_batch:
-            self._active.append(self._waiting.pop(0))
+            req = self._waiting.pop(0)
+            try:  # refused here, never half-sent in a step
+                hub.check_tokens(req.prompt_ids, more=req.params.max_tokens - 1)
+            except StepInputError as exc:
+                req.emit(None, bad_request(str(exc), param="prompt"))
+                continue
+            self._active.append(req)
 
     def _step(self, hub: HubModel, comm: Communicator, batch: list[GenRequest]) -> None:
         finished = [r for r in batch if r.cancelled]

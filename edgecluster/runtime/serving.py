@@ -5,6 +5,10 @@ the alive agents: it waits for `min_agents`, plans the split, makes sure every a
 holds its shard, opens the data links and hands the session to the scheduler. When
 an agent is lost, the requests in flight fail with a 503 naming it and the
 supervisor re-plans over the agents that remain; new agents are taken in when idle.
+Any other failure inside a step resets the session the same way (same plan, shards
+cached). Every call to an agent has a deadline and agents are called in parallel: an
+agent that misses one is marked dead, named in the log and left out of plans for a
+while, so it delays a re-plan by its deadline at most.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import secrets
 import threading
 import uuid
@@ -42,9 +45,16 @@ from edgecluster.plan.tensor_parallel import (
     plan_tensor_parallel,
 )
 from edgecluster.runtime.agent import reachable_host
+from edgecluster.runtime.agent_calls import (
+    CONTROL_DEADLINE_S,
+    AgentCallsFailed,
+    call_all,
+    open_deadline_s,
+)
 from edgecluster.runtime.membership import Membership
+from edgecluster.runtime.roster import Roster
 from edgecluster.runtime.scheduler import GenRequest, Scheduler
-from edgecluster.runtime.shard_distribution import ShardTransferError, distribute, shard_key
+from edgecluster.runtime.shard_distribution import distribute, shard_key
 from edgecluster.runtime.tokenizer import ChatTokenizer
 from edgecluster.types import MemberInfo
 from edgecluster.weights.checkpoint import Checkpoint
@@ -56,11 +66,6 @@ log = logging.getLogger(__name__)
 AGENT_RUNTIME_BYTES = 400 << 20  # python + torch + grpc in an agent, measured ~350 MiB
 READY_WAIT_S = 60.0
 QUEUE_RETRY_AFTER_S = 1.0  # the batch turns over in steps of milliseconds to seconds
-
-
-def capacity_bucket(gflops: float) -> float:
-    """Measured speed rounded to half-octaves, so re-measuring rarely changes the plan."""
-    return 2 ** (round(2 * math.log2(max(gflops, 0.01))) / 2)
 
 
 @dataclass
@@ -90,7 +95,10 @@ class ServingCluster:
         self._dtype = getattr(torch, config.dtype)
         self._storage_dtype = config.storage_dtype or config.dtype
         self.hub = HubModel(
-            self.cfg, _owned(hub_tensors(self.checkpoint, self.cfg, self._dtype)), self._dtype
+            self.cfg,
+            _owned(hub_tensors(self.checkpoint, self.cfg, self._dtype)),
+            self._dtype,
+            max_context=self.context_length,
         )
         self.checkpoint.close()  # the hub's tensors are copies: let the file mapping go
         check_hub_memory(config.memory_limit_bytes, self.hub.weight_bytes)
@@ -98,6 +106,8 @@ class ServingCluster:
         self._listener = DataListener(config.host, config.data_port)
         self.scheduler = Scheduler()
         self.scheduler.on_lost = self._lost
+        self.scheduler.on_failed = self._step_failed
+        self._roster = Roster(membership)
         self._state = "waiting for agents"
         self._session: _Session | None = None
         self._served_once = False
@@ -205,7 +215,7 @@ class ServingCluster:
         in_session = session is not None and member.id in session.members
         if event in ("dead", "left") and in_session:
             self._replan(f"agent {member.name} is {event}")
-        elif event == "joined" and not in_session:
+        elif event in ("joined", "updated") and not in_session:
             self._need_plan.set()  # taken in by the supervisor once idle
 
     def _lost(self, exc: EdgeClusterError) -> None:
@@ -215,6 +225,11 @@ class ServingCluster:
                 if member.name == exc.peer:
                     self._membership.mark_dead(member.id)
         self._replan(str(exc))
+
+    def _step_failed(self, exc: Exception) -> None:
+        """A step failed for another reason: the links may be mid-step, so reopen the
+        session (same plan, cached shards); agents drop the old one and its KV."""
+        self._replan(f"resetting after a failed step ({type(exc).__name__}: {exc})")
 
     def _replan(self, reason: str) -> None:
         log.warning("re-planning: %s", reason)
@@ -231,28 +246,46 @@ class ServingCluster:
             self._need_plan.wait(0.5)
             if self._stop.is_set() or not self._need_plan.is_set():
                 continue
-            if self._session is not None and self.scheduler.busy:
-                continue  # take new agents in once idle
+            # A session in use is replaced (new agents taken in) only when no request is
+            # mid-generation; requests that arrive meanwhile wait for the new session.
+            held = self._session is not None
+            if held and not self.scheduler.hold():
+                continue
             self._need_plan.clear()
             try:
                 self._establish()
-            except (EdgeClusterError, ShardTransferError, grpc.RpcError) as exc:
+            except AgentCallsFailed as exc:
+                if not self._roster.drop_unresponsive(exc):
+                    self._membership.wait_for_change(2.0)
+                self._state = f"cannot serve yet: {exc}"
+                self._need_plan.set()
+            except (EdgeClusterError, grpc.RpcError) as exc:
                 log.warning("could not establish a session: %s", exc)
                 self._state = f"cannot serve yet: {exc}"
                 self._need_plan.set()
                 self._membership.wait_for_change(2.0)
+            except Exception:  # the supervisor must outlive any bug in one attempt
+                log.exception("could not establish a session")
+                self._need_plan.set()
+                self._stop.wait(2.0)
+            finally:
+                if held:
+                    self.scheduler.release()
 
     def _establish(self) -> None:
-        alive = self._membership.alive()
-        # --min-agents gates the first start; afterwards the survivors serve if they can
+        alive = self._roster.eligible()
+        # --min-agents gates the first attempt; afterwards (even when that attempt lost an
+        # agent) the survivors serve if they can
         needed = 1 if self._served_once else self.config.min_agents
         if len(alive) < needed:
             self._state = f"waiting for agents ({len(alive)}/{needed} alive)"
             self._need_plan.set()
             self._membership.wait_for_change(1.0)
             return
+        self._served_once = True
         plan = self.plan(alive)
-        if self._session is not None and _same_plan(self._session.plan, plan):
+        current = self._session
+        if current and _same_plan(current.plan, plan) and self.scheduler.attached(current.comm):
             return
         self.open_session(plan, alive)
         log.info("serving %s on %d agents", self._name, len(plan.placements))
@@ -279,7 +312,7 @@ class ServingCluster:
             AgentCapacity(
                 node_id=m.id,
                 name=m.name,
-                matmul_gflops=capacity_bucket(m.profile.matmul_gflops),
+                matmul_gflops=self._roster.planned_gflops(m),
                 memory_budget_bytes=m.profile.memory_budget_bytes,
                 runtime_bytes=m.profile.runtime_rss_bytes or AGENT_RUNTIME_BYTES,
                 disk_read_bytes_per_s=m.profile.disk_read_bytes_per_s,
@@ -329,25 +362,35 @@ class ServingCluster:
         order = [members[p.node_id] for p in plan.placements]
         agent_endpoints = [f"{m.address.rpartition(':')[0]}:{m.data_port}" for m in order]
         self._listener.expect(session_id, key, self.config.link_delay_ms, encrypt)
-        for rank, placement in enumerate(plan.placements, start=1):
+
+        def open_on(rank: int, placement: AgentPlacement) -> pb.AgentStatus:
             member = members[placement.node_id]
             hub = f"{reachable_host(self.config.host, member.address)}:{self._listener.port}"
-            stubs[placement.node_id].OpenSession(
-                pb.SessionSpec(
-                    session_id=session_id,
-                    key_salt=salt,
-                    encrypt_data=encrypt,
-                    rank=rank,
-                    endpoints=[hub, *agent_endpoints],
-                    algorithm="star",
-                    shard_key=keys[placement.node_id],
-                    compute_dtype=self.config.dtype,
-                    window_blocks=placement.window_blocks,
-                    max_context=self.context_length,
-                    link_delay_ms=self.config.link_delay_ms,
-                ),
-                timeout=300,
+            spec = pb.SessionSpec(
+                session_id=session_id,
+                key_salt=salt,
+                encrypt_data=encrypt,
+                rank=rank,
+                endpoints=[hub, *agent_endpoints],
+                algorithm="star",
+                shard_key=keys[placement.node_id],
+                compute_dtype=self.config.dtype,
+                window_blocks=placement.window_blocks,
+                max_context=self.context_length,
+                link_delay_ms=self.config.link_delay_ms,
             )
+            deadline = open_deadline_s(placement.weight_bytes)
+            return stubs[placement.node_id].OpenSession(spec, timeout=deadline)
+
+        calls = {
+            p.node_id: (lambda r=r, p=p: open_on(r, p)) for r, p in enumerate(plan.placements, 1)
+        }
+        try:
+            call_all(calls, {m.id: m.name for m in order}, "OpenSession")
+        except AgentCallsFailed:
+            self._close_sessions(stubs, session_id)
+            self._listener.forget(session_id)
+            raise
         config = SessionConfig(
             session_id=session_id,
             session_key=key,
@@ -356,9 +399,32 @@ class ServingCluster:
             endpoints=(f"{self.config.host}:{self._listener.port}", *agent_endpoints),
             link_delay_ms=self.config.link_delay_ms,
         )
-        comm = Communicator.connect(config, self._listener, ["hub", *[m.name for m in order]])
+        try:
+            comm = Communicator.connect(config, self._listener, ["hub", *[m.name for m in order]])
+        except PeerLostError as exc:  # its session opened, its data link did not
+            self._close_sessions(stubs, session_id)
+            self._listener.forget(session_id)
+            for member in order:
+                if member.name == exc.peer:
+                    why = f"its data link did not open ({exc})"
+                    self._roster.drop_hung(member.id, member.name, why)
+            raise
         self.scheduler.attach(self.hub, comm)
         return comm
+
+    @staticmethod
+    def _close_sessions(stubs: dict[str, pb_grpc.AgentStub], session_id: str) -> None:
+        """Best effort, in parallel: agents that opened a session that will not run drop it."""
+        calls = {
+            node_id: (
+                lambda stub=stub: stub.CloseSession(
+                    pb.CloseSessionRequest(session_id=session_id), timeout=CONTROL_DEADLINE_S
+                )
+            )
+            for node_id, stub in stubs.items()
+        }
+        with contextlib.suppress(AgentCallsFailed):
+            call_all(calls, {n: n[:8] for n in stubs}, "CloseSession")
 
     def _stub(self, member: MemberInfo) -> pb_grpc.AgentStub:
         channel = open_channel(member.address, self.config.token, self.config.tls)

@@ -3,15 +3,16 @@
 The coordinator never loads the whole checkpoint: blocks are sliced one at a time
 from the memory-mapped safetensors files. An agent first says which blocks of its
 shard it lacks (absent or failing their hash); only those travel, in 1 MiB chunks,
-each block closed by the digest of its tensors.
+each block closed by the digest of its tensors. Every block is its own PutShard call
+with a deadline scaled to its bytes, so a hung agent is found within seconds; agents
+are served in parallel and every failure is reported (AgentCallsFailed).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 
 import grpc
 import torch
@@ -22,6 +23,12 @@ from edgecluster.net.convert import spec_to_pb
 from edgecluster.net.pb import edgecluster_pb2 as pb
 from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
 from edgecluster.plan.tensor_parallel import AgentPlacement
+from edgecluster.runtime.agent_calls import (
+    AgentCallError,
+    call_all,
+    prepare_deadline_s,
+    put_deadline_s,
+)
 from edgecluster.weights.checkpoint import Checkpoint
 from edgecluster.weights.slicing import slice_block, tensor_digest
 
@@ -53,26 +60,29 @@ def all_blocks(cfg: ModelConfig) -> list[str]:
     return [block_name(layer, kind) for layer in range(cfg.num_layers) for kind in (ATTN, MLP)]
 
 
-def _chunks(
+def _block_chunks(
     ckpt: Checkpoint,
     cfg: ModelConfig,
     placement: AgentPlacement,
     key: str,
-    blocks: list[str],
+    name: str,
     dtype: torch.dtype,
-    progress: Progress,
-) -> Iterator[pb.ShardChunk]:
-    for name in blocks:
-        layer, kind = int(name.split(".")[1]), name.split(".")[2]
-        tensors = slice_block(ckpt, cfg, placement.spec, layer, kind, dtype)
-        ckpt.close()  # unmap: the coordinator holds one block at a time, not the checkpoint
-        for tname, tensor in tensors.items():
-            for chunk in encode_chunks(tensor, tname):
-                progress(len(chunk.data))
-                yield pb.ShardChunk(shard_key=key, block=name, chunk=chunk)
-        yield pb.ShardChunk(
+) -> list[pb.ShardChunk]:
+    """One block's chunks, closed by its digest (one block in memory at a time)."""
+    layer, kind = int(name.split(".")[1]), name.split(".")[2]
+    tensors = slice_block(ckpt, cfg, placement.spec, layer, kind, dtype)
+    ckpt.close()  # unmap: the coordinator holds one block at a time, not the checkpoint
+    chunks = [
+        pb.ShardChunk(shard_key=key, block=name, chunk=chunk)
+        for tname, tensor in tensors.items()
+        for chunk in encode_chunks(tensor, tname)
+    ]
+    chunks.append(
+        pb.ShardChunk(
             shard_key=key, block=name, block_end=True, block_sha256=tensor_digest(tensors)
         )
+    )
+    return chunks
 
 
 def send_shard(
@@ -84,31 +94,40 @@ def send_shard(
     storage_dtype: str,
     progress: Progress,
 ) -> int:
-    """Makes sure the agent holds its shard; returns the bytes sent (0: cache reused)."""
+    """Makes sure the agent holds its shard; returns the bytes sent (0: cache reused).
+
+    Raises AgentCallError naming the agent and the call that failed or missed its deadline.
+    """
     blocks = all_blocks(cfg)
-    reply = stub.PrepareShard(
-        pb.PrepareShardRequest(
-            shard_key=key,
-            model_config_json=cfg.to_json(),
-            spec=spec_to_pb(placement.spec),
-            blocks=blocks,
-            storage_dtype=storage_dtype,
-        ),
-        timeout=60,
+    request = pb.PrepareShardRequest(
+        shard_key=key,
+        model_config_json=cfg.to_json(),
+        spec=spec_to_pb(placement.spec),
+        blocks=blocks,
+        storage_dtype=storage_dtype,
     )
+    try:
+        reply = stub.PrepareShard(request, timeout=prepare_deadline_s(placement.weight_bytes))
+    except grpc.RpcError as exc:
+        raise AgentCallError(placement.name, placement.node_id, "PrepareShard", exc) from exc
     missing = list(reply.missing_blocks)
     if not missing:
         log.info("%s already holds its shard (verified cache)", placement.name)
         return 0
     dtype = getattr(torch, storage_dtype)
-    sent = stub.PutShard(_chunks(ckpt, cfg, placement, key, missing, dtype, progress))
-    log.info(
-        "%s: sent %d blocks, %.1f MiB",
-        placement.name,
-        sent.blocks_stored,
-        sent.bytes_received / 2**20,
-    )
-    return int(sent.bytes_received)
+    sent = 0
+    for name in missing:
+        chunks = _block_chunks(ckpt, cfg, placement, key, name, dtype)
+        nbytes = sum(len(c.chunk.data) for c in chunks)
+        try:
+            reply_put = stub.PutShard(iter(chunks), timeout=put_deadline_s(nbytes))
+        except grpc.RpcError as exc:
+            call = f"PutShard of block {name}"
+            raise AgentCallError(placement.name, placement.node_id, call, exc) from exc
+        sent += int(reply_put.bytes_received)
+        progress(nbytes)
+    log.info("%s: sent %d blocks, %.1f MiB", placement.name, len(missing), sent / 2**20)
+    return sent
 
 
 def distribute(
@@ -120,27 +139,16 @@ def distribute(
     storage_dtype: str,
     progress: Progress,
 ) -> dict[str, int]:
-    """Sends every agent its shard in parallel; returns bytes sent per node id."""
-    with ThreadPoolExecutor(max_workers=max(1, len(placements))) as pool:
-        futures = {
-            p.node_id: pool.submit(
-                send_shard, stubs[p.node_id], ckpt, cfg, p, keys[p.node_id], storage_dtype, progress
+    """Sends every agent its shard in parallel; returns bytes sent per node id.
+
+    Raises AgentCallsFailed naming every agent whose transfer failed.
+    """
+    calls = {
+        p.node_id: (
+            lambda p=p: send_shard(
+                stubs[p.node_id], ckpt, cfg, p, keys[p.node_id], storage_dtype, progress
             )
-            for p in placements
-        }
-        results = {}
-        for node_id, future in futures.items():
-            try:
-                results[node_id] = future.result()
-            except grpc.RpcError as exc:
-                name = next(p.name for p in placements if p.node_id == node_id)
-                raise ShardTransferError(name, node_id, exc) from exc
-        return results
-
-
-class ShardTransferError(Exception):
-    def __init__(self, name: str, node_id: str, exc: grpc.RpcError) -> None:
-        code = exc.code() if hasattr(exc, "code") else "?"
-        details = exc.details() if hasattr(exc, "details") else str(exc)
-        super().__init__(f"sending the shard of agent {name} failed: {code}: {details}")
-        self.node_id = node_id
+        )
+        for p in placements
+    }
+    return call_all(calls, {p.node_id: p.name for p in placements}, "shard transfer")
