@@ -20,7 +20,7 @@ from edgecluster.config import CoordinatorConfig
 from edgecluster.device.allocator import fast_allocator, tame_allocator
 from edgecluster.device.profile import effective_cpus
 from edgecluster.net.discovery import Announcement, Discovery
-from edgecluster.net.grpc_util import open_channel, start_server
+from edgecluster.net.grpc_util import TlsFiles, open_channel, start_server
 from edgecluster.net.pb import edgecluster_pb2 as pb
 from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
 from edgecluster.runtime.coordinator_service import CoordinatorService
@@ -88,6 +88,7 @@ class CoordinatorNode:
                 token=self.config.token,
                 data_root=self.config.cache_dir / "local-agents",
                 threads=threads,
+                extra_args=_tls_args(self.config.tls),
             )
 
     def start_serving(self) -> None:
@@ -179,3 +180,12 @@ def run_coordinator(config: CoordinatorConfig, stop: threading.Event, on_ready: 
     finally:
         node.stop()
     return 0
+
+
+def _tls_args(tls: TlsFiles) -> list[str]:
+    """The coordinator's TLS files, for its --local agents (same certificate and CA)."""
+    args: list[str] = []
+    for flag, path in (("--tls-cert", tls.cert), ("--tls-key", tls.key), ("--tls-ca", tls.ca)):
+        if path is not None:
+            args += [flag, str(path)]
+    return args
