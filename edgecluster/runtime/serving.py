@@ -38,7 +38,7 @@ from edgecluster.plan.tensor_parallel import (
     AgentCapacity,
     AgentPlacement,
     TensorParallelPlan,
-    plan_tensor_parallel,
+    plan_within_kv_budget,
 )
 from edgecluster.runtime.agent import reachable_host
 from edgecluster.runtime.membership import Membership
@@ -87,6 +87,7 @@ class ServingCluster:
         self.tokenizer = ChatTokenizer(model_dir)
         self._dtype = getattr(torch, config.dtype)
         self._storage_dtype = config.storage_dtype or config.dtype
+        self._kv_dtype = config.kv_dtype or config.dtype
         self.hub = HubModel(
             self.cfg, _owned(hub_tensors(self.checkpoint, self.cfg, self._dtype)), self._dtype
         )
@@ -144,14 +145,14 @@ class ServingCluster:
         def emit(token: int | None, error: Exception | None) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, (token, error))
 
-        req = self.scheduler.submit(
-            GenRequest(
-                prompt_ids=list(prompt_ids),
-                params=params,
-                eos_ids=frozenset(self.eos_token_ids),
-                emit=emit,
-            )
+        request = GenRequest(
+            prompt_ids=list(prompt_ids),
+            params=params,
+            eos_ids=frozenset(self.eos_token_ids),
+            emit=emit,
         )
+        self.scheduler.check_fits(request)
+        req = self.scheduler.submit(request)
         try:
             while True:
                 token, error = await queue.get()
@@ -269,12 +270,14 @@ class ServingCluster:
             )
             for m in alive
         ]
-        plan = plan_tensor_parallel(
+        plan = plan_within_kv_budget(
             capacities,
             self.cfg,
+            kv_budget_tokens=self.config.kv_budget_tokens or self.context_length,
+            fixed_budget=bool(self.config.kv_budget_tokens),
             storage_bytes_per_element=getattr(torch, self._storage_dtype).itemsize,
             compute_bytes_per_element=self._dtype.itemsize,
-            max_context=self.context_length,
+            kv_bytes_per_element=getattr(torch, self._kv_dtype).itemsize,
             weights=weights,
         )
         log.info("plan:\n%s", plan.describe())
@@ -325,6 +328,8 @@ class ServingCluster:
                     window_blocks=placement.window_blocks,
                     max_context=self.context_length,
                     link_delay_ms=self.config.link_delay_ms,
+                    kv_dtype=self._kv_dtype,
+                    kv_budget_tokens=plan.kv_budget_tokens,
                 ),
                 timeout=300,
             )
@@ -336,6 +341,7 @@ class ServingCluster:
             link_delay_ms=self.config.link_delay_ms,
         )
         comm = Communicator.connect(config, self._listener, ["hub", *[m.name for m in order]])
+        self.scheduler.kv_budget_tokens = plan.kv_budget_tokens
         self.scheduler.attach(self.hub, comm)
         return comm
 
@@ -380,7 +386,7 @@ def check_hub_memory(limit_bytes: int, hub_weight_bytes: int) -> None:
 
 
 def _same_plan(a: TensorParallelPlan, b: TensorParallelPlan) -> bool:
-    return a.placements == b.placements
+    return a.placements == b.placements and a.kv_budget_tokens == b.kv_budget_tokens
 
 
 def _shard_json(p: AgentPlacement, member: MemberInfo) -> dict[str, Any]:
