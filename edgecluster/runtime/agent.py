@@ -30,6 +30,7 @@ from edgecluster.net.pb import edgecluster_pb2 as pb
 from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
 from edgecluster.runtime.agent_service import AgentService
 from edgecluster.runtime.agent_session import AgentSessions, MemoryPolicy
+from edgecluster.runtime.data_dir_lock import lock_data_dir
 from edgecluster.types import DeviceProfile
 from edgecluster.weights.shard_store import ShardStore
 
@@ -65,9 +66,10 @@ class AgentNode:
         else:
             fast_allocator()
         torch.set_num_threads(config.threads or default_threads())
+        lock_data_dir(config.data_dir)  # held until exit (the CLI took it already)
         self.node_id = load_node_id(config.data_dir)
         self.profile: DeviceProfile = profile_device(config.data_dir, config.memory_limit_bytes)
-        self.store = ShardStore(config.data_dir)
+        self.store = ShardStore(config.data_dir, cache_limit_bytes=config.cache_limit_bytes)
         self.listener = DataListener(config.host, config.data_port)
         self.sessions = AgentSessions(
             store=self.store,

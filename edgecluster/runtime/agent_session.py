@@ -149,6 +149,7 @@ class AgentSessions:
         meta = self._store.read_meta(req.shard_key)
         if meta is None:
             raise ValueError(f"shard {req.shard_key} is not on this agent; send it first")
+        self._store.use(req.shard_key)  # older shards beyond --cache-limit go
         cfg, spec = meta.model_config, meta.spec
         dtype = _DTYPES[req.compute_dtype]
         order = [

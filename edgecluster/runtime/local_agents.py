@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edgecluster.runtime.data_dir_lock import data_dir_in_use
+
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
@@ -46,6 +48,19 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _free_names(data_root: Path, count: int) -> list[str]:
+    """local-0, local-1, ... skipping the names whose data dir another process holds
+    (another coordinator's local agents on this host)."""
+    names: list[str] = []
+    index = 0
+    while len(names) < count:
+        name = f"local-{index}"
+        if not data_dir_in_use(data_root / name):
+            names.append(name)
+        index += 1
+    return names
+
+
 class LocalAgents:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -63,8 +78,8 @@ class LocalAgents:
         env = {**os.environ, "EDGE_TOKEN": token, PARENT_ENV: str(os.getpid())}
         cores = sorted(os.sched_getaffinity(0))
         placement = [cores[i % len(cores)] for i in range(count)]
-        for i in range(count):
-            name = f"local-{i}"
+        names = _free_names(data_root, count)
+        for i, name in enumerate(names):
             argv = [
                 sys.executable, "-m", "agents.cli", "join", coordinator,
                 "--name", name, "--host", "127.0.0.1", "--no-mdns",
@@ -77,6 +92,8 @@ class LocalAgents:
                 os.setpriority(os.PRIO_PROCESS, proc.pid, AGENT_NICENESS)
             self.procs.append(proc)
         log.info("started %d local agents", count)
+        if names != [f"local-{i}" for i in range(count)]:
+            log.info("data dirs of local agents in use by another coordinator: using %s", names)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         for proc in self.procs:

@@ -93,7 +93,7 @@ class ServingCluster:
         )
         self.checkpoint.close()  # the hub's tensors are copies: let the file mapping go
         check_hub_memory(config.memory_limit_bytes, self.hub.weight_bytes)
-        self._model_id = model_fingerprint(model_dir)
+        self._model_id = model_fingerprint(model_dir, config.cache_dir)
         self._listener = DataListener(config.host, config.data_port)
         self.scheduler = Scheduler()
         self.scheduler.on_lost = self._lost
