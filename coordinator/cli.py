@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="TOKENS",
-        help="KV positions all requests in flight may hold at once (default: --max-context, "
-        "lowered to what the tightest agent can hold)",
+        help="KV positions all requests in flight may hold at once (default: 2 x "
+        "--max-context, halved down to 256 until the tightest agent has room)",
     )
     serve.add_argument("--memory-limit", help="memory this coordinator may use, e.g. 1GiB")
     serve.add_argument("--link-delay-ms", type=float, help="inject per-link delay (experiments)")

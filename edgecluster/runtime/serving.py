@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 AGENT_RUNTIME_BYTES = 400 << 20  # python + torch + grpc in an agent, measured ~350 MiB
 READY_WAIT_S = 60.0
+AUTO_KV_CONTEXTS = 2  # default KV budget: two full contexts, lowered to what agents hold
 
 
 def capacity_bucket(gflops: float) -> float:
@@ -273,7 +274,7 @@ class ServingCluster:
         plan = plan_within_kv_budget(
             capacities,
             self.cfg,
-            kv_budget_tokens=self.config.kv_budget_tokens or self.context_length,
+            kv_budget_tokens=self.config.kv_budget_tokens or AUTO_KV_CONTEXTS * self.context_length,
             fixed_budget=bool(self.config.kv_budget_tokens),
             storage_bytes_per_element=getattr(torch, self._storage_dtype).itemsize,
             compute_bytes_per_element=self._dtype.itemsize,
