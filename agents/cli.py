@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ from pathlib import Path
 from edgecluster.config import AgentConfig, cache_root
 from edgecluster.log import configure_logging
 from edgecluster.net.grpc_util import TlsFiles
+from edgecluster.runtime.data_dir_lock import DataDirInUse, first_free_data_dir, lock_data_dir
 from edgecluster.units import parse_size
 
 
@@ -28,12 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument(
         "--token", default=os.environ.get("EDGE_TOKEN"), help="cluster token (or EDGE_TOKEN)"
     )
-    join.add_argument("--name", default=socket.gethostname(), help="this device's name")
+    join.add_argument(
+        "--name", help="this device's name (default: the host name, NAME-2... if it is taken)"
+    )
     join.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: all)")
     join.add_argument("--port", type=int, default=0, help="gRPC port (default: any free)")
     join.add_argument("--data-port", type=int, default=0, help="data-channel port (default: any)")
     join.add_argument(
         "--data-dir", type=Path, help="shard cache (default: ~/.cache/edgecluster/agents/NAME)"
+    )
+    join.add_argument(
+        "--cache-limit",
+        default="20GiB",
+        help="disk the shard cache may use; older shards the plan does not use are deleted "
+        "beyond it (default 20GiB)",
     )
     join.add_argument("--memory-limit", help="promise to stay under this RSS, e.g. 512MiB, 2GiB")
     join.add_argument("--threads", type=int, default=0, help="torch threads (default: from cores)")
@@ -49,15 +59,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    """The agent's config, its data dir locked for this process (DataDirInUse if taken).
+
+    An agent given neither --name nor --data-dir takes the host name and its default
+    dir, or the next free NAME-2, NAME-3, ... when another agent on this host holds it.
+    """
+    name, data_dir = args.name, args.data_dir
+    if name is None and data_dir is None:
+        host = socket.gethostname()
+        name, data_dir = first_free_data_dir(cache_root() / "agents", host)
+        if name != host:
+            logging.getLogger(__name__).info(
+                "the default data dir of %s is in use by another agent on this host; "
+                "this one is %s (data dir %s)", host, name, data_dir,
+            )  # fmt: skip
+    name = name or socket.gethostname()
+    data_dir = data_dir or cache_root() / "agents" / name
+    lock_data_dir(data_dir)
     return AgentConfig(
         token=args.token or "",
-        name=args.name,
+        name=name,
         coordinator=args.coordinator,
         host=args.host,
         port=args.port,
         data_port=args.data_port,
-        data_dir=args.data_dir or cache_root() / "agents" / args.name,
+        data_dir=data_dir,
         memory_limit_bytes=parse_size(args.memory_limit) if args.memory_limit else 0,
+        cache_limit_bytes=parse_size(args.cache_limit),
         mdns=not args.no_mdns,
         threads=args.threads,
         window_blocks=args.window,
@@ -67,12 +95,13 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.name, args.log_level)
+    configure_logging(args.name or socket.gethostname(), args.log_level)
     try:
         config = config_from_args(args)
-    except ValueError as exc:
+    except (ValueError, DataDirInUse) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
+    configure_logging(config.name, args.log_level)  # the name may be NAME-2 now
     from edgecluster.runtime.ports import first_taken
 
     taken = first_taken(

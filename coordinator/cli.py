@@ -119,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--storage-dtype", choices=["float32", "bfloat16"], help="shard bytes on disk"
     )
     serve.add_argument("--max-context", type=int, default=2048)
+    serve.add_argument(
+        "--kv-dtype", choices=["float32", "bfloat16"], help="KV cache dtype (default: --dtype)"
+    )
+    serve.add_argument(
+        "--kv-budget",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="KV positions all requests in flight may hold at once (default: 2 x "
+        "--max-context, halved down to 256 until the tightest agent has room)",
+    )
     serve.add_argument("--memory-limit", help="memory this coordinator may use, e.g. 1GiB")
     serve.add_argument("--link-delay-ms", type=float, help="inject per-link delay (experiments)")
     serve.add_argument("--log-level", default="INFO")
@@ -148,6 +159,8 @@ def _serve_config(args: argparse.Namespace, token: str, api_key: str | None) -> 
         dtype=args.dtype,
         storage_dtype=args.storage_dtype,
         max_context=args.max_context,
+        kv_dtype=args.kv_dtype,
+        kv_budget_tokens=args.kv_budget,
         memory_limit_bytes=parse_size(args.memory_limit) if args.memory_limit else 0,
         link_delay_ms=delay,
         tls=TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca),

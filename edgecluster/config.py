@@ -74,6 +74,7 @@ class AgentConfig:
     data_port: int = 0
     data_dir: Path
     memory_limit_bytes: int = 0  # 0: no limit promised
+    cache_limit_bytes: int = 20 << 30  # shard cache on disk; older unused shards pruned beyond
     mdns: bool = True
     threads: int = 0  # torch threads; 0: from the cores this process may use
     window_blocks: int = 0  # 0: chosen automatically when streaming
@@ -88,6 +89,8 @@ class AgentConfig:
         _check_port("--port", self.port)
         if self.coordinator is not None and ":" not in self.coordinator:
             raise ValueError(f"coordinator {self.coordinator!r} must be host:port (grpc port)")
+        if self.cache_limit_bytes < 0:
+            raise ValueError(f"--cache-limit must not be negative, got {self.cache_limit_bytes}")
         if self.memory_limit_bytes < 0 or self.threads < 0 or self.window_blocks < 0:
             raise ValueError("--memory-limit, --threads and --window must not be negative")
         if self.window_blocks == 1:
@@ -110,6 +113,8 @@ class CoordinatorConfig:
     dtype: str = "float32"
     storage_dtype: str | None = None  # None: same as dtype
     max_context: int = 2048
+    kv_dtype: str | None = None  # None: same as dtype
+    kv_budget_tokens: int = 0  # KV positions held at once over all requests; 0: auto
     memory_limit_bytes: int = 0
     link_delay_ms: float = 0.0
     heartbeat_timeout_s: float = 2.5
@@ -135,6 +140,13 @@ class CoordinatorConfig:
             raise ValueError(f"--storage-dtype must be one of {DTYPES}")
         if self.max_context < 16:
             raise ValueError("--max-context must be at least 16 tokens")
+        if self.kv_dtype is not None and self.kv_dtype not in DTYPES:
+            raise ValueError(f"--kv-dtype must be one of {DTYPES}, got {self.kv_dtype!r}")
+        if self.kv_budget_tokens < 0 or 0 < self.kv_budget_tokens < 16:
+            raise ValueError(
+                f"--kv-budget must be at least 16 tokens (or 0: automatic), got "
+                f"{self.kv_budget_tokens}"
+            )
         for peer in self.peers:
             if ":" not in peer:
                 raise ValueError(f"--peers entry {peer!r} must be host:port (an agent's grpc port)")

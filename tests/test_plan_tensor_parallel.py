@@ -70,7 +70,7 @@ def agent(i: int, *, gflops: float = 10.0, memory: int = 64 * GiB) -> AgentCapac
 
 def room_of(a: AgentCapacity, cfg: ModelConfig, spec: ShardSpec, context: int = 2048) -> int:
     kv = kv_cache_bytes(
-        cfg, num_kv_heads=spec.num_kv_heads, max_context=context, bytes_per_element=4
+        cfg, num_kv_heads=spec.num_kv_heads, num_tokens=context, bytes_per_element=4
     )
     return a.memory_budget_bytes - a.runtime_bytes - ACTIVATION_SLACK_BYTES - kv
 
@@ -188,7 +188,7 @@ def test_agent_whose_runtime_exceeds_its_budget_gets_nothing() -> None:
 
 def test_short_room_streams_with_a_window() -> None:
     agents = [agent(i, memory=500 * MiB) for i in range(3)]
-    plan = plan_tensor_parallel(agents, SMOLLM2, max_context=256)
+    plan = plan_tensor_parallel(agents, SMOLLM2, kv_budget_tokens=256)
     assert plan.streaming
     for a, p in zip(agents, plan.placements, strict=True):
         room = room_of(a, SMOLLM2, p.spec, context=256)
@@ -222,7 +222,9 @@ def test_random_clusters_keep_the_invariants(seed: int) -> None:
         ]
         allow = rng.random() < 0.5
         try:
-            plan = plan_tensor_parallel(agents, cfg, max_context=context, allow_streaming=allow)
+            plan = plan_tensor_parallel(
+                agents, cfg, kv_budget_tokens=context, allow_streaming=allow
+            )
         except PlanError:
             continue
         assert_partition(plan, cfg)
@@ -235,13 +237,13 @@ def test_random_clusters_keep_the_invariants(seed: int) -> None:
 def test_streaming_not_allowed_names_totals() -> None:
     agents = [agent(i, memory=500 * MiB) for i in range(3)]
     with pytest.raises(PlanError, match=r"does not fit: .* MiB but the agents have .* MiB"):
-        plan_tensor_parallel(agents, SMOLLM2, max_context=256, allow_streaming=False)
+        plan_tensor_parallel(agents, SMOLLM2, kv_budget_tokens=256, allow_streaming=False)
 
 
 def test_block_that_cannot_fit_twice_names_agent_and_sizes() -> None:
     agents = [agent(0, memory=RUNTIME + ACTIVATION_SLACK_BYTES + 40 * MiB)]
     with pytest.raises(PlanError) as err:
-        plan_tensor_parallel(agents, LLAMA_8B, max_context=16)
+        plan_tensor_parallel(agents, LLAMA_8B, kv_budget_tokens=16)
     message = str(err.value)
     assert "dev0" in message and "node-0" in message
     assert "MiB of room" in message and "largest block" in message

@@ -117,3 +117,30 @@ def test_model_fingerprint_is_stable_and_tracks_content(tmp_path: Path) -> None:
     assert model_fingerprint(a) != model_fingerprint(b)
     save_file({"w": torch.ones(2, 5)}, str(a / "model.safetensors"))
     assert model_fingerprint(a) != model_fingerprint(_checkpoint(tmp_path / "c"))
+
+
+def test_model_fingerprint_covers_tensor_data_with_the_same_layout(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    ckpt = _checkpoint(tmp_path / "m", scale=1.0)
+    first = model_fingerprint(ckpt, cache)
+    _checkpoint(ckpt, scale=2.0)  # same names, shapes and dtype: only the values differ
+    assert model_fingerprint(ckpt, cache) != first
+    _checkpoint(ckpt, scale=1.0)
+    assert model_fingerprint(ckpt, cache) == first
+
+
+def test_weight_digests_are_cached_by_size_and_mtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgecluster.weights import digests
+
+    cache = tmp_path / "cache"
+    ckpt = _checkpoint(tmp_path / "m")
+    hashed: list[Path] = []
+    real = digests.hash_file
+    monkeypatch.setattr(digests, "hash_file", lambda p: hashed.append(p) or real(p))
+    first = model_fingerprint(ckpt, cache)
+    assert len(hashed) == 1 and (cache / models.DIGEST_CACHE).is_file()
+    assert model_fingerprint(ckpt, cache) == first and len(hashed) == 1  # a restart: no rehash
+    (cache / models.DIGEST_CACHE).write_text("{not json")  # a damaged cache is only a rehash
+    assert model_fingerprint(ckpt, cache) == first and len(hashed) == 2

@@ -54,10 +54,14 @@ class ShardExecutor:
         weights: WeightSource,
         dtype: torch.dtype,
         max_context: int,
+        *,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.cfg, self.spec, self.weights, self.dtype = cfg, spec, weights, dtype
         self.rotary = RotaryTable(cfg, dtype, max_context)
-        self.kv = KVCache(cfg.num_layers, spec.num_kv_heads, cfg.head_dim, dtype)
+        self.kv = KVCache(
+            cfg.num_layers, spec.num_kv_heads, cfg.head_dim, kv_dtype or dtype, compute_dtype=dtype
+        )
         group = cfg.group_size
         q_heads = torch.arange(spec.q_head_start, spec.q_head_end)
         # local KV head read by each local query head

@@ -56,10 +56,11 @@ def shard_weight_bytes(cfg: ModelConfig, spec: ShardSpec, bytes_per_element: int
 
 
 def kv_cache_bytes(
-    cfg: ModelConfig, *, num_kv_heads: int, max_context: int, bytes_per_element: int
+    cfg: ModelConfig, *, num_kv_heads: int, num_tokens: int, bytes_per_element: int
 ) -> int:
-    """KV cache for `num_kv_heads` heads of every layer, `max_context` positions."""
-    return 2 * cfg.num_layers * num_kv_heads * cfg.head_dim * max_context * bytes_per_element
+    """KV cache for `num_kv_heads` heads of every layer, `num_tokens` positions (summed
+    over the sequences held: the KV budget)."""
+    return 2 * cfg.num_layers * num_kv_heads * cfg.head_dim * num_tokens * bytes_per_element
 
 
 def full_model_layer_bytes(cfg: ModelConfig, bytes_per_element: int) -> int:

@@ -20,7 +20,8 @@ class ShardSizing:
     cfg: ModelConfig
     storage_bpe: int
     compute_bpe: int
-    max_context: int
+    kv_tokens: int  # KV positions reserved per agent (the KV budget)
+    kv_bpe: int = 0  # bytes per KV element; 0: compute_bpe
 
     def __post_init__(self) -> None:
         if self.storage_bpe < 1 or self.compute_bpe < 1:
@@ -28,15 +29,18 @@ class ShardSizing:
                 f"bytes per element must be >= 1, got storage {self.storage_bpe}, "
                 f"compute {self.compute_bpe}"
             )
-        if self.max_context < 1:
-            raise ValueError(f"max_context must be >= 1 token, got {self.max_context}")
+        if self.kv_tokens < 1:
+            raise ValueError(f"the KV budget must be >= 1 token, got {self.kv_tokens}")
+        if self.kv_bpe < 0:
+            raise ValueError(f"KV bytes per element must be >= 1, got {self.kv_bpe}")
 
     def kv(self, num_kv_heads: int) -> int:
+        """The KV cache these heads reach when the whole budget is held."""
         return kv_cache_bytes(
             self.cfg,
             num_kv_heads=num_kv_heads,
-            max_context=self.max_context,
-            bytes_per_element=self.compute_bpe,
+            num_tokens=self.kv_tokens,
+            bytes_per_element=self.kv_bpe or self.compute_bpe,
         )
 
     def attention(self, num_q_heads: int, num_kv_heads: int) -> int:

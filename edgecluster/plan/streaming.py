@@ -104,9 +104,17 @@ def window_too_small_message(agent: str, room_bytes: int, largest_block_bytes: i
     return (
         f"{agent} cannot stream its weights: it has {format_bytes(room_bytes)} of room for "
         f"weights, and streaming keeps 2 of its largest block ({format_bytes(largest_block_bytes)} "
-        f"each, {format_bytes(2 * largest_block_bytes)}) resident. Raise its --memory-limit, "
-        "add agents so its shard shrinks, or store weights in bf16."
+        f"each, {format_bytes(2 * largest_block_bytes)}) resident beside its KV cache. "
+        f"To make room: {MEMORY_KNOBS}."
     )
+
+
+MEMORY_KNOBS = (
+    "raise the agent's --memory-limit; add agents so each shard shrinks; store weights in "
+    "bf16 (serve --storage-dtype bfloat16); keep the KV cache in bf16 (serve --kv-dtype "
+    "bfloat16); reserve fewer KV tokens (serve --kv-budget) or shorten the context "
+    "(serve --max-context)"
+)
 
 
 def _checked_override(

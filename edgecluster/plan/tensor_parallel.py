@@ -11,26 +11,33 @@ columns, one contiguous range each. Ranges follow the order the agents are given
 agent may get nothing (start == end). Shares are matmul_gflops, or `weights`.
 
 Memory: an agent's room for weights is its budget less its runtime, its KV cache and
-an activation slack. Shares are water-filled under the rooms, so whole shards go where
-they fit. When the model does not fit the cluster, the overflow is spread in proportion
-to share and agents holding more than their room stream their blocks through a sliding
-window (streaming.py); with allow_streaming=False that is a PlanError instead.
+an activation slack. The KV cache is reserved for `kv_budget_tokens` positions (the
+most the scheduler lets the admitted requests hold at once, summed over sequences),
+at `kv_bytes_per_element`, not for a full context per agent. Shares are water-filled
+under the rooms, so whole shards go where they fit. When the model does not fit the
+cluster, the overflow is spread in proportion to share and agents holding more than
+their room stream their blocks through a sliding window (streaming.py); with
+allow_streaming=False that is a PlanError instead.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from edgecluster.errors import PlanError
 from edgecluster.model_config import ModelConfig
 from edgecluster.plan.blocks import full_model_layer_bytes, shard_block_bytes
 from edgecluster.plan.shard_split import ShardSizing, build_specs, mlp_caps, split_attention
 from edgecluster.plan.split import split_units, water_fill
-from edgecluster.plan.streaming import choose_window
+from edgecluster.plan.streaming import MEMORY_KNOBS, choose_window
 from edgecluster.types import DeviceProfile, ShardSpec
 from edgecluster.units import format_bytes
+
+log = logging.getLogger(__name__)
 
 ACTIVATION_SLACK_BYTES = 64 * 1024**2  # activations and buffers of a step, per agent
 
@@ -120,10 +127,13 @@ class TensorParallelPlan:
 
     placements: tuple[AgentPlacement, ...]
     storage_bytes_per_element: int
+    kv_budget_tokens: int = 2048  # KV positions reserved on every agent, over all sequences
 
     def __post_init__(self) -> None:
         if not self.placements:
             raise ValueError("a tensor-parallel plan needs at least one placement")
+        if self.kv_budget_tokens < 1:
+            raise ValueError(f"kv_budget_tokens must be >= 1, got {self.kv_budget_tokens}")
         if self.storage_bytes_per_element < 1:
             raise ValueError(
                 f"storage_bytes_per_element must be >= 1, got {self.storage_bytes_per_element}"
@@ -162,7 +172,8 @@ class TensorParallelPlan:
         rows = [header, *(_describe_row(p) for p in self.placements)]
         rows.append(
             f"total weights {format_bytes(self.total_weight_bytes)} at "
-            f"{self.storage_bytes_per_element} bytes per element"
+            f"{self.storage_bytes_per_element} bytes per element; KV budget "
+            f"{self.kv_budget_tokens} tokens"
         )
         return "\n".join(rows)
 
@@ -173,7 +184,8 @@ def plan_tensor_parallel(
     *,
     storage_bytes_per_element: int = 4,
     compute_bytes_per_element: int = 4,
-    max_context: int = 2048,
+    kv_budget_tokens: int = 2048,
+    kv_bytes_per_element: int | None = None,
     weights: Sequence[float] | None = None,
     allow_streaming: bool = True,
     activation_slack_bytes: int = ACTIVATION_SLACK_BYTES,
@@ -184,7 +196,13 @@ def plan_tensor_parallel(
     not allowed, or when a streaming agent cannot hold two of its largest blocks.
     """
     shares = _shares(agents, weights)
-    sizing = ShardSizing(cfg, storage_bytes_per_element, compute_bytes_per_element, max_context)
+    sizing = ShardSizing(
+        cfg,
+        storage_bytes_per_element,
+        compute_bytes_per_element,
+        kv_budget_tokens,
+        kv_bytes_per_element or compute_bytes_per_element,
+    )
     # room for weights and KV cache, per agent
     rooms = [a.memory_budget_bytes - a.runtime_bytes - activation_slack_bytes for a in agents]
     full_need = full_model_layer_bytes(cfg, storage_bytes_per_element) + sizing.kv(cfg.num_kv_heads)
@@ -199,8 +217,35 @@ def plan_tensor_parallel(
         for rank, (agent, spec, room) in enumerate(zip(agents, specs, rooms, strict=True), start=1)
     )
     return TensorParallelPlan(
-        placements=placements, storage_bytes_per_element=storage_bytes_per_element
+        placements=placements,
+        storage_bytes_per_element=storage_bytes_per_element,
+        kv_budget_tokens=kv_budget_tokens,
     )
+
+
+MIN_AUTO_KV_BUDGET_TOKENS = 256
+
+
+def plan_within_kv_budget(
+    agents: Sequence[AgentCapacity],
+    cfg: ModelConfig,
+    *,
+    kv_budget_tokens: int,
+    fixed_budget: bool,
+    **options: Any,
+) -> TensorParallelPlan:
+    """plan_tensor_parallel at `kv_budget_tokens`; unless the budget is `fixed_budget`
+    (given by the user), a budget that leaves some agent no room to stream is halved
+    until the plan works, down to MIN_AUTO_KV_BUDGET_TOKENS (then the PlanError stands)."""
+    budget = kv_budget_tokens
+    while True:
+        try:
+            return plan_tensor_parallel(agents, cfg, kv_budget_tokens=budget, **options)
+        except PlanError:
+            if fixed_budget or budget <= MIN_AUTO_KV_BUDGET_TOKENS:
+                raise
+            budget = max(MIN_AUTO_KV_BUDGET_TOKENS, budget // 2)
+            log.info("KV budget lowered to %d tokens so that every agent has room", budget)
 
 
 def _shares(agents: Sequence[AgentCapacity], weights: Sequence[float] | None) -> list[float]:
@@ -236,9 +281,9 @@ def _require_fit(
     )
     raise PlanError(
         f"the model does not fit: its shards and KV caches take {format_bytes(sum(needs))} "
-        f"but the agents have {format_bytes(sum(max(0, r) for r in rooms))} of room ({each}). "
-        "Raise --memory-limit, add agents, store weights in bf16, shorten the context, "
-        "or allow streaming."
+        f"but the agents have {format_bytes(sum(max(0, r) for r in rooms))} of room ({each}) "
+        f"for a KV budget of {sizing.kv_tokens} tokens. To make room: {MEMORY_KNOBS}; or "
+        "allow streaming."
     )
 
 

@@ -33,6 +33,7 @@ from edgecluster.net.discovery import Announcement, Discovery
 from edgecluster.net.grpc_util import open_channel, start_server
 from edgecluster.net.pb import edgecluster_pb2 as pb
 from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
+from edgecluster.runtime.data_dir_lock import lock_data_dir
 from edgecluster.types import AgentRuntime, DeviceProfile
 
 if TYPE_CHECKING:
@@ -105,6 +106,7 @@ class _StartingAgent(pb_grpc.AgentServicer):
 class AgentNode:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        lock_data_dir(config.data_dir)  # held until exit (the CLI took it already)
         self.node_id = load_node_id(config.data_dir)
         self.profile: DeviceProfile = light_profile(config.data_dir, config.memory_limit_bytes)
         self.compute: ComputeSide | None = None

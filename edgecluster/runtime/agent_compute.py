@@ -49,7 +49,7 @@ def start_compute(
         fast_allocator()
     torch.set_num_threads(config.threads or default_threads())
     profile = profile_device(config.data_dir, config.memory_limit_bytes)
-    store = ShardStore(config.data_dir)
+    store = ShardStore(config.data_dir, cache_limit_bytes=config.cache_limit_bytes)
     listener = DataListener(config.host, config.data_port)
     sessions = AgentSessions(
         store=store,

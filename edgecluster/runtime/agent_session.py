@@ -20,6 +20,7 @@ import torch
 from edgecluster.comm.communicator import Communicator, SessionConfig
 from edgecluster.device.allocator import release_free_memory
 from edgecluster.engine.agent_loop import run_agent_session
+from edgecluster.engine.kv_cache import kv_bytes_per_token
 from edgecluster.engine.shard_executor import ShardExecutor, WeightSource
 from edgecluster.errors import COORDINATOR_PEER, EdgeClusterError
 from edgecluster.model_config import ATTN, MLP, block_name
@@ -43,12 +44,25 @@ class SessionRequest:
     compute_dtype: str
     window_blocks: int
     max_context: int
+    kv_dtype: str = ""  # empty: the compute dtype
+    kv_budget_tokens: int = 0  # KV positions reserved on this agent; 0: max_context
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.kv_budget_tokens or self.max_context
 
     @classmethod
     def from_pb(cls, m: pb.SessionSpec, token: str) -> SessionRequest:
         """The request `m` describes; its data-channel key is derived from `token`."""
         if m.compute_dtype not in _DTYPES:
             raise ValueError(f"compute dtype {m.compute_dtype!r} not in {sorted(_DTYPES)}")
+        if m.kv_dtype and m.kv_dtype not in _DTYPES:
+            raise ValueError(f"KV dtype {m.kv_dtype!r} not in {sorted(_DTYPES)}")
+        if m.kv_budget_tokens < 0 or m.max_context < 0:
+            raise ValueError(
+                f"kv_budget_tokens ({m.kv_budget_tokens}) and max_context ({m.max_context}) "
+                "must not be negative"
+            )
         if not m.shard_key:
             raise ValueError("a serving session needs a shard_key")
         return cls(
@@ -65,6 +79,8 @@ class SessionRequest:
             compute_dtype=m.compute_dtype,
             window_blocks=m.window_blocks,
             max_context=m.max_context or 2048,
+            kv_dtype=m.kv_dtype,
+            kv_budget_tokens=m.kv_budget_tokens,
         )
 
 
@@ -140,6 +156,7 @@ class AgentSessions:
         meta = self._store.read_meta(req.shard_key)
         if meta is None:
             raise ValueError(f"shard {req.shard_key} is not on this agent; send it first")
+        self._store.use(req.shard_key)  # older shards beyond --cache-limit go
         cfg, spec = meta.model_config, meta.spec
         dtype = _DTYPES[req.compute_dtype]
         order = [
@@ -150,12 +167,15 @@ class AgentSessions:
         ]
         sizes = [path.stat().st_size for _, path in order]
         self.weight_bytes = sum(sizes)
-        kv_bytes = 2 * cfg.num_layers * spec.num_kv_heads * cfg.head_dim * req.max_context
+        kv_dtype = _DTYPES[req.kv_dtype] if req.kv_dtype else dtype
+        per_token = kv_bytes_per_token(
+            cfg.num_layers, spec.num_kv_heads, cfg.head_dim, kv_dtype.itemsize
+        )
         window = choose_agent_window(
             self._memory,
             sizes,
             expand=dtype.itemsize / meta.storage_dtype.itemsize,
-            fixed_bytes=_rss_bytes() + kv_bytes * dtype.itemsize,
+            fixed_bytes=_rss_bytes() + per_token * req.kv_tokens,
             plan_hint=req.window_blocks,
             agent=self._node_name,
         )
@@ -176,7 +196,7 @@ class AgentSessions:
                 req.shard_key[:12], window, len(order), stream.resident_bytes / 2**20,
             )  # fmt: skip
         self.weights = weights
-        return ShardExecutor(cfg, spec, weights, dtype, req.max_context)
+        return ShardExecutor(cfg, spec, weights, dtype, req.max_context, kv_dtype=kv_dtype)
 
     def runtime(self) -> AgentRuntime:
         weights = self.weights

@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgecluster.runtime.data_dir_lock import data_dir_in_use
+
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
@@ -80,6 +82,19 @@ class _Child:
     restart_at: float = 0.0
 
 
+def _free_names(data_root: Path, count: int) -> list[str]:
+    """local-0, local-1, ... skipping the names whose data dir another process holds
+    (another coordinator's local agents on this host)."""
+    names: list[str] = []
+    index = 0
+    while len(names) < count:
+        name = f"local-{index}"
+        if not data_dir_in_use(data_root / name):
+            names.append(name)
+        index += 1
+    return names
+
+
 class LocalAgents:
     """Starts, watches, restarts (with backoff) and reaps the `--local` agents.
 
@@ -112,8 +127,10 @@ class LocalAgents:
         self._env = {**os.environ, "EDGE_TOKEN": token, PARENT_ENV: str(os.getpid())}
         cores = sorted(os.sched_getaffinity(0))
         data_root.mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            name = f"local-{i}"
+        names = _free_names(data_root, count)
+        if names != [f"local-{i}" for i in range(count)]:
+            log.info("data dirs of local agents in use by another coordinator: using %s", names)
+        for i, name in enumerate(names):
             argv = [
                 sys.executable, "-m", "agents.cli", "join", coordinator,
                 "--name", name, "--host", "127.0.0.1", "--no-mdns",

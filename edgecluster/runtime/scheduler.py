@@ -14,6 +14,12 @@ asks for a fresh one): the loop itself never dies. A request the hub would refus
 admission and never reaches a step. The owner (`on_lost` / `on_failed`) hears of a
 failure before the requests do, and a session is replaced between steps only
 (`hold`): a re-plan never fails a request that has not started.
+
+Admission is bounded by the session's KV budget (`kv_budget_tokens`, the positions
+the plan reserved on every agent): a request is admitted, first come first served,
+only while the admitted requests' reach (prompt + max_tokens each, in whole KV
+blocks) fits the budget; otherwise it waits. One that can never fit fails with a
+400 naming the knobs that would make room.
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ from typing import Any
 import torch
 
 from edgecluster.api.backend import BackendUnavailable, SamplingParams
-from edgecluster.api.errors import bad_request
+from edgecluster.api.errors import ApiError, bad_request
 from edgecluster.comm.communicator import Communicator
 from edgecluster.engine.hub import HubModel, StepInputError
+from edgecluster.engine.kv_cache import kv_blocks_tokens
 from edgecluster.engine.sampling import sample_token
 from edgecluster.errors import EdgeClusterError
 
@@ -56,6 +63,23 @@ class GenRequest:
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
 
+    @property
+    def kv_tokens(self) -> int:
+        """KV positions this request can come to hold on every agent (whole blocks)."""
+        return kv_blocks_tokens(len(self.prompt_ids) + self.params.max_tokens)
+
+
+def kv_budget_error(need_tokens: int, budget_tokens: int) -> ApiError:
+    """The 400 for a request whose KV reach exceeds the whole budget."""
+    return bad_request(
+        f"this request can hold up to {need_tokens} KV positions (prompt + max_tokens, in "
+        f"blocks) but the cluster's KV budget is {budget_tokens} tokens. Lower max_tokens or "
+        "shorten the prompt, or make room on the coordinator: raise serve --kv-budget, "
+        "--max-context, keep the KV cache in bf16 (--kv-dtype bfloat16), raise the agents' "
+        "--memory-limit, or add agents",
+        code="kv_budget_exceeded",
+    )
+
 
 class Scheduler:
     def __init__(self, *, max_step_tokens: int = 512, max_batch: int = 16) -> None:
@@ -65,6 +89,7 @@ class Scheduler:
         self._waiting: list[GenRequest] = []
         self._active: list[GenRequest] = []
         self._session: tuple[HubModel, Communicator] | None = None
+        self.kv_budget_tokens = 0  # 0: no bound (set with the session's plan)
         self._ids = itertools.count(1)
         self._stop = False
         self._held = False  # no new step while the session is being replaced
@@ -212,15 +237,31 @@ class Scheduler:
     def _has_work(self) -> bool:
         return bool(self._waiting or self._active)
 
+    def check_fits(self, req: GenRequest) -> None:
+        """Raises the 400 when `req` can never fit the KV budget."""
+        budget = self.kv_budget_tokens
+        if budget and req.kv_tokens > budget:
+            raise kv_budget_error(req.kv_tokens, budget)
+
     def _admit(self, hub: HubModel) -> None:
+        budget = self.kv_budget_tokens
+        held = sum(r.kv_tokens for r in self._active)
         while self._waiting and len(self._active) < self._max_batch:
-            req = self._waiting.pop(0)
+            req = self._waiting[0]
+            if budget and req.kv_tokens > budget:  # the budget shrank under it
+                self._waiting.pop(0)
+                req.emit(None, kv_budget_error(req.kv_tokens, budget))
+                continue
+            if budget and held + req.kv_tokens > budget:
+                return  # it waits for KV room, and so do those behind it
+            self._waiting.pop(0)
             try:  # refused here, never half-sent in a step
                 hub.check_tokens(req.prompt_ids, more=req.params.max_tokens - 1)
             except StepInputError as exc:
                 req.emit(None, bad_request(str(exc), param="prompt"))
                 continue
             self._active.append(req)
+            held += req.kv_tokens
 
     def _step(self, hub: HubModel, comm: Communicator, batch: list[GenRequest]) -> None:
         finished = [r for r in batch if r.cancelled]

@@ -42,7 +42,7 @@ from edgecluster.plan.tensor_parallel import (
     AgentCapacity,
     AgentPlacement,
     TensorParallelPlan,
-    plan_tensor_parallel,
+    plan_within_kv_budget,
 )
 from edgecluster.runtime.agent import reachable_host
 from edgecluster.runtime.agent_calls import (
@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 AGENT_RUNTIME_BYTES = 400 << 20  # python + torch + grpc in an agent, measured ~350 MiB
 READY_WAIT_S = 60.0
 QUEUE_RETRY_AFTER_S = 1.0  # the batch turns over in steps of milliseconds to seconds
+AUTO_KV_CONTEXTS = 2  # default KV budget: two full contexts, lowered to what agents hold
 
 
 @dataclass
@@ -94,6 +95,7 @@ class ServingCluster:
         self.tokenizer = ChatTokenizer(model_dir)
         self._dtype = getattr(torch, config.dtype)
         self._storage_dtype = config.storage_dtype or config.dtype
+        self._kv_dtype = config.kv_dtype or config.dtype
         self.hub = HubModel(
             self.cfg,
             _owned(hub_tensors(self.checkpoint, self.cfg, self._dtype)),
@@ -102,7 +104,7 @@ class ServingCluster:
         )
         self.checkpoint.close()  # the hub's tensors are copies: let the file mapping go
         check_hub_memory(config.memory_limit_bytes, self.hub.weight_bytes)
-        self._model_id = model_fingerprint(model_dir)
+        self._model_id = model_fingerprint(model_dir, config.cache_dir)
         self._listener = DataListener(config.host, config.data_port)
         self.scheduler = Scheduler()
         self.scheduler.on_lost = self._lost
@@ -161,14 +163,14 @@ class ServingCluster:
         def emit(token: int | None, error: Exception | None) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, (token, error))
 
-        req = self.scheduler.submit(
-            GenRequest(
-                prompt_ids=list(prompt_ids),
-                params=params,
-                eos_ids=frozenset(self.eos_token_ids),
-                emit=emit,
-            )
+        request = GenRequest(
+            prompt_ids=list(prompt_ids),
+            params=params,
+            eos_ids=frozenset(self.eos_token_ids),
+            emit=emit,
         )
+        self.scheduler.check_fits(request)
+        req = self.scheduler.submit(request)
         try:
             while True:
                 token, error = await queue.get()
@@ -319,12 +321,14 @@ class ServingCluster:
             )
             for m in alive
         ]
-        plan = plan_tensor_parallel(
+        plan = plan_within_kv_budget(
             capacities,
             self.cfg,
+            kv_budget_tokens=self.config.kv_budget_tokens or AUTO_KV_CONTEXTS * self.context_length,
+            fixed_budget=bool(self.config.kv_budget_tokens),
             storage_bytes_per_element=getattr(torch, self._storage_dtype).itemsize,
             compute_bytes_per_element=self._dtype.itemsize,
-            max_context=self.context_length,
+            kv_bytes_per_element=getattr(torch, self._kv_dtype).itemsize,
             weights=weights,
         )
         log.info("plan:\n%s", plan.describe())
@@ -378,6 +382,8 @@ class ServingCluster:
                 window_blocks=placement.window_blocks,
                 max_context=self.context_length,
                 link_delay_ms=self.config.link_delay_ms,
+                kv_dtype=self._kv_dtype,
+                kv_budget_tokens=plan.kv_budget_tokens,
             )
             deadline = open_deadline_s(placement.weight_bytes)
             return stubs[placement.node_id].OpenSession(spec, timeout=deadline)
@@ -409,6 +415,7 @@ class ServingCluster:
                     why = f"its data link did not open ({exc})"
                     self._roster.drop_hung(member.id, member.name, why)
             raise
+        self.scheduler.kv_budget_tokens = plan.kv_budget_tokens
         self.scheduler.attach(self.hub, comm)
         return comm
 
@@ -467,7 +474,7 @@ def check_hub_memory(limit_bytes: int, hub_weight_bytes: int) -> None:
 
 
 def _same_plan(a: TensorParallelPlan, b: TensorParallelPlan) -> bool:
-    return a.placements == b.placements
+    return a.placements == b.placements and a.kv_budget_tokens == b.kv_budget_tokens
 
 
 def _shard_json(p: AgentPlacement, member: MemberInfo) -> dict[str, Any]:

@@ -13,8 +13,12 @@ and renamed into place, so an interrupted conversion never leaves a half cache. 
 cache root is `$EDGE_CACHE_DIR`, else `$XDG_CACHE_HOME/edgecluster`, else
 `~/.cache/edgecluster`. Nothing is ever downloaded.
 
-`model_fingerprint(dir)` is a short, stable id of a checkpoint's contents, cheap to
-compute (config and safetensors headers, not the data), used to key caches.
+`model_fingerprint(dir)` is a short, stable id of a checkpoint's contents (config.json
+and every byte of every weight file, header and tensor data), used to key caches such
+as the agents' shards: a checkpoint whose weights change in place gets a new id even
+when its layout does not. The weight files' digests are remembered in
+`<cache>/checkpoint-digests.json` by path, size and mtime, so an unchanged checkpoint
+is hashed once.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from pathlib import Path
 
 from edgecluster.weights import gguf_convert
 from edgecluster.weights.checkpoint import checkpoint_weight_files
-from edgecluster.weights.safetensors_file import read_header_bytes
+from edgecluster.weights.digests import file_digests
 
 log = logging.getLogger(__name__)
 
@@ -140,16 +144,19 @@ def gguf_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:FINGERPRINT_HEX]
 
 
-def model_fingerprint(checkpoint_dir: Path) -> str:
-    """Short hex id of a checkpoint: config.json bytes, and each weight file's name,
-    size and safetensors header. Changes whenever the weights' layout or the config
-    does; reads no tensor data."""
+DIGEST_CACHE = "checkpoint-digests.json"
+
+
+def model_fingerprint(checkpoint_dir: Path, cache_dir: Path | None = None) -> str:
+    """Short hex id of a checkpoint: config.json bytes and the digest of each weight
+    file's whole contents (cached in `cache_dir`, default the cache root). Changes
+    whenever the config, the weights' layout or any tensor's values do."""
     checkpoint_dir = Path(checkpoint_dir)
+    cache = cache_dir if cache_dir is not None else default_cache_dir()
     digest = hashlib.sha256((checkpoint_dir / "config.json").read_bytes())
-    for path in checkpoint_weight_files(checkpoint_dir):
-        header = read_header_bytes(path)
-        meta = json.dumps({"name": path.name, "bytes": path.stat().st_size, "header": len(header)})
-        digest.update(meta.encode() + header)
+    paths = checkpoint_weight_files(checkpoint_dir)
+    for path, contents in zip(paths, file_digests(paths, cache / DIGEST_CACHE), strict=True):
+        digest.update(json.dumps({"name": path.name, "blake2b": contents}).encode())
     return digest.hexdigest()[:FINGERPRINT_HEX]
 
 

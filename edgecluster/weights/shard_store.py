@@ -14,8 +14,12 @@ fsynced and renamed into place; the manifest is replaced the same way after the
 block file, so a crash at any point leaves either the old state or the new one.
 A block is accepted only if its `tensor_digest` matches the sender's.
 
-One process owns a store at a time (the agent); threads within it may write
-different blocks concurrently.
+One process owns a store at a time (the agent, which locks its data dir); threads
+within it may write different blocks concurrently.
+
+Disk budget: with `cache_limit_bytes`, shards beyond the limit are deleted, least
+recently used first (a shard's last use is its manifest's mtime, touched when it is
+prepared or loaded), never the shards in use (`use`) or being prepared.
 """
 
 from __future__ import annotations
@@ -63,10 +67,12 @@ class ShardMeta:
 
 
 class ShardStore:
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, *, cache_limit_bytes: int = 0) -> None:
         self.root = Path(root)
         self.shards_dir = self.root / "shards"
+        self.cache_limit_bytes = cache_limit_bytes  # 0: no limit
         self._lock = threading.Lock()
+        self._in_use: set[str] = set()
 
     def shard_dir(self, shard_key: str) -> Path:
         return self.shards_dir / _safe_name(shard_key, "shard key")
@@ -95,6 +101,7 @@ class ShardStore:
             manifest.update(meta)
             self._write_manifest(shard_key, manifest)
             _remove_stale_temp_files(self.shard_dir(shard_key))
+        self.prune_to_limit(keep={shard_key})
 
     def read_meta(self, shard_key: str) -> ShardMeta | None:
         """The recorded meta, or None when the shard has none yet."""
@@ -155,6 +162,45 @@ class ShardStore:
             return []
         return sorted(p.name for p in self.shards_dir.iterdir() if p.is_dir())
 
+    def use(self, shard_key: str) -> None:
+        """Marks `shard_key` as the one in use (never pruned) and recently used; prunes
+        the others beyond the cache limit."""
+        with self._lock:
+            self._in_use = {shard_key}
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.shard_dir(shard_key) / MANIFEST)
+        self.prune_to_limit(keep=set())
+
+    def prune_to_limit(self, keep: set[str]) -> list[str]:
+        """Deletes the least recently used shards, other than `keep` and the one in use,
+        until the cache fits `cache_limit_bytes`; returns the keys removed."""
+        if not self.cache_limit_bytes:
+            return []
+        with self._lock:
+            keep = keep | self._in_use
+        sizes = {key: _dir_bytes(self.shards_dir / key) for key in self.shard_keys()}
+        total = sum(sizes.values())
+        removed = []
+        for key in sorted(set(sizes) - keep, key=self._last_used):
+            if total <= self.cache_limit_bytes:
+                break
+            shutil.rmtree(self.shards_dir / key, ignore_errors=True)
+            total -= sizes[key]
+            removed.append(key)
+            log.info(
+                "removed shard %s (%s, unused since %s): the shard cache is over its "
+                "--cache-limit of %s",
+                key[:12], _mib(sizes[key]), time.ctime(self._last_used(key)),
+                _mib(self.cache_limit_bytes),
+            )  # fmt: skip
+        return removed
+
+    def _last_used(self, shard_key: str) -> float:
+        try:
+            return (self.shards_dir / shard_key / MANIFEST).stat().st_mtime
+        except OSError:
+            return 0.0
+
     def prune(self, keep: set[str]) -> list[str]:
         """Delete every shard not in `keep`; returns the keys removed."""
         removed = [key for key in self.shard_keys() if key not in keep]
@@ -207,6 +253,19 @@ class ShardStore:
         finally:
             tmp.unlink(missing_ok=True)
         _fsync(path.parent)
+
+
+def _dir_bytes(directory: Path) -> int:
+    total = 0
+    for path in directory.rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file():
+                total += path.stat().st_size
+    return total
+
+
+def _mib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**20:.1f} MiB"
 
 
 def sha256_file(path: Path) -> str:
