@@ -118,6 +118,16 @@ def _request(prompt: int, max_tokens: int, seen: list) -> GenRequest:
     )
 
 
+class _AcceptsAnyTokens:
+    """A hub whose vocabulary and context take every request (admission is what is tested)."""
+
+    def check_tokens(self, token_ids: list[int], start: int = 0, more: int = 0) -> None:
+        pass
+
+
+_ANY_TOKENS = _AcceptsAnyTokens()
+
+
 def test_admission_queues_beyond_the_budget_and_refuses_what_never_fits() -> None:
     scheduler = Scheduler()  # no session attached: its loop never admits on its own
     try:
@@ -134,17 +144,17 @@ def test_admission_queues_beyond_the_budget_and_refuses_what_never_fits() -> Non
         third = scheduler.submit(_request(10, KV_BLOCK_TOKENS, seen))  # 2 blocks: waits
         fourth = scheduler.submit(_request(1, 1, seen))  # fits, but waits its turn
         with scheduler._cond:
-            scheduler._admit()
+            scheduler._admit(_ANY_TOKENS)  # type: ignore[arg-type]
             assert scheduler._active == [first, second]
             assert scheduler._waiting == [third, fourth]
             scheduler._active.remove(first)  # retired: its blocks are free again
             scheduler.kv_budget_tokens = 3 * KV_BLOCK_TOKENS
-            scheduler._admit()
+            scheduler._admit(_ANY_TOKENS)  # type: ignore[arg-type]
             assert scheduler._active == [second, third]
             scheduler.kv_budget_tokens = KV_BLOCK_TOKENS  # a re-plan shrank the budget
             scheduler._active.clear()
             scheduler._waiting.insert(0, huge)
-            scheduler._admit()
+            scheduler._admit(_ANY_TOKENS)  # type: ignore[arg-type]
         assert isinstance(seen[0], ApiError) and seen[0].status == 400
         assert scheduler._active == [fourth]
     finally:

@@ -222,11 +222,14 @@ class ServingCluster:
 
     def _lost(self, exc: EdgeClusterError) -> None:
         session = self._session
+        # Re-plan first, with the precise reason ("no data or keepalive from X ..."): the
+        # requests in flight fail with it. Marking the agent dead afterwards finds no
+        # session, so its membership event does not fail them again with a vaguer one.
+        self._replan(str(exc))
         if session is not None and isinstance(exc, PeerLostError):
             for member in session.members.values():
                 if member.name == exc.peer:
                     self._membership.mark_dead(member.id)
-        self._replan(str(exc))
 
     def _step_failed(self, exc: Exception) -> None:
         """A step failed for another reason: the links may be mid-step, so reopen the
