@@ -46,6 +46,7 @@ class SessionRequest:
     max_context: int
     kv_dtype: str = ""  # empty: the compute dtype
     kv_budget_tokens: int = 0  # KV positions reserved on this agent; 0: max_context
+    peer_names: tuple[str, ...] = ()  # each rank's name, for logs (empty: unknown)
 
     @property
     def kv_tokens(self) -> int:
@@ -81,6 +82,7 @@ class SessionRequest:
             max_context=m.max_context or 2048,
             kv_dtype=m.kv_dtype,
             kv_budget_tokens=m.kv_budget_tokens,
+            peer_names=tuple(name[:64] for name in m.peer_names),
         )
 
 
@@ -214,11 +216,13 @@ class AgentSessions:
         )
 
     def _connect(self, req: SessionRequest) -> Communicator:
-        """The session's links, each peer named for the log: rank 0 is the coordinator;
-        of the other agents we know only their rank and address."""
+        """The session's links, each peer named for the log: rank 0 is the coordinator,
+        the other agents by the names the coordinator sent (else rank and address)."""
         cfg = req.comm
         names = [COORDINATOR_PEER]
-        names += [f"rank {r} ({ep})" for r, ep in enumerate(cfg.endpoints[1:], start=1)]
+        for rank, endpoint in enumerate(cfg.endpoints[1:], start=1):
+            given = req.peer_names[rank] if rank < len(req.peer_names) else ""
+            names.append(given or f"rank {rank} ({endpoint})")
         return Communicator.connect(cfg, self._listener, names)
 
     def _serve(self, req: SessionRequest, executor: ShardExecutor) -> None:

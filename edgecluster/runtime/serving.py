@@ -387,6 +387,7 @@ class ServingCluster:
                 link_delay_ms=self.config.link_delay_ms,
                 kv_dtype=self._kv_dtype,
                 kv_budget_tokens=plan.kv_budget_tokens,
+                peer_names=["coordinator", *[m.name for m in order]],
             )
             deadline = open_deadline_s(placement.weight_bytes)
             return stubs[placement.node_id].OpenSession(spec, timeout=deadline)
