@@ -27,7 +27,7 @@ from edgecluster.net.grpc_util import open_channel, start_server
 from edgecluster.net.pb import edgecluster_pb2 as pb
 from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
 from tests.procs import Coordinator, ProcessPool, free_port, procs, wait_until  # noqa: F401
-from tests.tiny_model import tiny_model
+from tests.tiny_llama import make_tiny_llama
 
 pytestmark = pytest.mark.slow
 HUNG = "hung-agent"
@@ -91,7 +91,7 @@ def _health(coord: Coordinator) -> int:
 def test_an_agent_that_never_answers_put_shard_is_dropped_within_its_deadline(
     procs: ProcessPool,  # noqa: F811
 ) -> None:
-    model = tiny_model(procs.root / "tiny-model")
+    model = make_tiny_llama(procs.root / "tiny-model", max_positions=256)
     coord = procs.coordinator("--model", str(model), "--min-agents", "3")
     release, stop = threading.Event(), threading.Event()
     fake = HungAgent(release)

@@ -28,7 +28,7 @@ from tests.procs import (
     module_procs,  # noqa: F401  (fixture)
     wait_until,
 )
-from tests.tiny_model import tiny_model
+from tests.tiny_llama import make_tiny_llama
 
 pytestmark = pytest.mark.slow
 FAULT_TOKEN = 7
@@ -75,7 +75,7 @@ def _wait_serving(coord: Coordinator, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(module_procs: ProcessPool) -> Coordinator:  # noqa: F811
-    model = tiny_model(module_procs.root / "tiny-model")
+    model = make_tiny_llama(module_procs.root / "tiny-model", max_positions=256)
     coord = module_procs.coordinator(
         "--model", str(model), "--local", "2", "--max-context", "256",
         env={"EDGE_TEST_FAULT_TOKEN": str(FAULT_TOKEN)},
