@@ -10,7 +10,7 @@ The executor knows nothing about tokens, sampling or the network.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +22,10 @@ from edgecluster.types import ShardSpec
 
 
 class WeightSource(Protocol):
-    """Gives the tensors of a block while compute needs them (resident or streamed)."""
+    """Gives a block while compute needs it (resident or streamed), prepared by
+    `engine.linear.prepare_block`: its matrices as Linear layers, its norms as tensors."""
 
-    def acquire(self, layer: int, kind: str) -> dict[str, torch.Tensor]: ...
+    def acquire(self, layer: int, kind: str) -> dict[str, Any]: ...
 
     def release(self, layer: int, kind: str) -> None: ...
 
@@ -84,9 +85,9 @@ class ShardExecutor:
         w = self.weights.acquire(layer, ATTN)
         try:
             x = rms_norm(h, w["input_norm"], self.cfg.rms_norm_eps)
-            qkv = F.linear(x, w["qkv_weight"], w.get("qkv_bias"))  # [T, (nq+2nkv)*hd]
+            qkv = w["qkv"](x)  # [T, (nq+2nkv)*hd]
             out = self._attend(layer, qkv, step)  # [T, nq*hd]
-            return F.linear(out, w["o_weight"], w.get("o_bias"))
+            return w["o"](out)
         finally:
             self.weights.release(layer, ATTN)
 
@@ -134,7 +135,7 @@ class ShardExecutor:
         w = self.weights.acquire(layer, MLP)
         try:
             x = rms_norm(h, w["post_norm"], self.cfg.rms_norm_eps)
-            gate, up = F.linear(x, w["gate_up_weight"], w.get("gate_up_bias")).chunk(2, dim=-1)
-            return F.linear(F.silu(gate) * up, w["down_weight"], w.get("down_bias"))
+            gate, up = w["gate_up"](x).chunk(2, dim=-1)
+            return w["down"](F.silu(gate) * up)
         finally:
             self.weights.release(layer, MLP)

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -21,6 +22,7 @@ from edgecluster.comm.communicator import Communicator, SessionConfig
 from edgecluster.device.allocator import release_free_memory
 from edgecluster.engine.agent_loop import run_agent_session
 from edgecluster.engine.kv_cache import kv_bytes_per_token
+from edgecluster.engine.linear import block_weight_bytes, prepare_block
 from edgecluster.engine.shard_executor import ShardExecutor, WeightSource
 from edgecluster.errors import COORDINATOR_PEER, EdgeClusterError
 from edgecluster.model_config import ATTN, MLP, block_name
@@ -87,12 +89,12 @@ class SessionRequest:
 
 
 class ResidentWeights:
-    """Every block of the shard in memory, loaded once."""
+    """Every block of the shard in memory, loaded and prepared once."""
 
-    def __init__(self, blocks: dict[tuple[int, str], dict[str, torch.Tensor]]) -> None:
+    def __init__(self, blocks: dict[tuple[int, str], dict[str, Any]]) -> None:
         self._blocks = blocks
 
-    def acquire(self, layer: int, kind: str) -> dict[str, torch.Tensor]:
+    def acquire(self, layer: int, kind: str) -> dict[str, Any]:
         return self._blocks[(layer, kind)]
 
     def release(self, layer: int, kind: str) -> None:
@@ -100,7 +102,7 @@ class ResidentWeights:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for b in self._blocks.values() for t in b.values())
+        return sum(block_weight_bytes(b) for b in self._blocks.values())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,14 +186,21 @@ class AgentSessions:
         weights: WeightSource
         if window >= len(order):
             blocks = {
-                key: self._store.load_block(req.shard_key, block_name(*key), dtype)
+                key: prepare_block(
+                    self._store.load_block(req.shard_key, block_name(*key)),
+                    key[1],
+                    dtype,
+                    resident=True,
+                )  # fmt: skip
                 for key, _ in order
             }
             weights = ResidentWeights(blocks)
             self.resident_weight_bytes = weights.weight_bytes
             log.info("loaded shard %s: %d blocks in memory", req.shard_key[:12], len(blocks))
         else:
-            stream = StreamingWeights(order, window, dtype)
+            stream = StreamingWeights(
+                order, window, dtype, lambda t, kind: prepare_block(t, kind, dtype, resident=False)
+            )
             weights, self.resident_weight_bytes = stream, stream.resident_bytes
             log.info(
                 "shard %s streams from disk: window %d of %d blocks (%.0f MiB resident)",

@@ -147,10 +147,10 @@ class ShardStore:
             manifest["blocks"][block] = {**entry, "tensor_digest": digest}
             self._write_manifest(shard_key, manifest)
 
-    def load_block(self, shard_key: str, block: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """A stored block's tensors in the compute dtype (one read of the file)."""
-        tensors = read_block_raw(self.block_path(shard_key, block))
-        return {name: t.to(dtype) for name, t in tensors.items()}
+    def load_block(self, shard_key: str, block: str) -> dict[str, torch.Tensor]:
+        """A stored block's tensors as stored (one read of the file); compute prepares
+        them (`engine.linear.prepare_block`)."""
+        return read_block_raw(self.block_path(shard_key, block))
 
     def shard_bytes(self, shard_key: str) -> int:
         """Bytes of the block files the manifest lists."""

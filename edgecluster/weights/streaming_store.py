@@ -11,8 +11,10 @@ Each block is one file read with one large sequential read into a preallocated,
 page-aligned slot (O_DIRECT where the filesystem allows, so reads neither pollute
 nor are served from the page cache and the memory a block needs is the slot alone),
 and its tensors are views of the slot: no re-parsing per token beyond the header,
-no allocation per read. Bytes stored in bf16 are converted to the compute dtype at
-acquire, into a buffer freed at release.
+no allocation per read. `prepare` turns a block's tensors into what compute uses at
+acquire (`engine.linear.prepare_block`: bytes stored in bf16 or int8 are converted
+then, into buffers freed at release); by default tensors stored in another floating
+dtype are converted to the compute dtype.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -62,13 +66,20 @@ def _round_up(n: int) -> int:
 class StreamingWeights:
     """A WeightSource streaming `order`'s block files through `window` slots."""
 
-    def __init__(self, order: list[tuple[BlockKey, Path]], window: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        order: list[tuple[BlockKey, Path]],
+        window: int,
+        dtype: torch.dtype,
+        prepare: Callable[[dict[str, torch.Tensor], str], dict[str, Any]] | None = None,
+    ) -> None:
         if window < 2:
             raise ValueError(f"streaming window must be at least 2 blocks, got {window}")
         if not order:
             raise ValueError("nothing to stream: the shard has no blocks")
         self._order = order
         self._dtype = dtype
+        self._prepare = prepare or self._to_dtype
         self._sizes = [p.stat().st_size for _, p in order]
         slot_bytes = _round_up(max(self._sizes))
         self.window = min(window, len(order))
@@ -79,7 +90,7 @@ class StreamingWeights:
         self._closed = False
         self._bytes = 0
         self._read_s = self._wait_s = 0.0
-        self._converted: dict[BlockKey, dict[str, torch.Tensor]] = {}
+        self._converted: dict[BlockKey, dict[str, Any]] = {}
         self._reader = threading.Thread(target=self._read_loop, name="block-reader", daemon=True)
         self._reader.start()
 
@@ -99,7 +110,13 @@ class StreamingWeights:
             )
 
     # ---- compute side ----
-    def acquire(self, layer: int, kind: str) -> dict[str, torch.Tensor]:
+    def _to_dtype(self, tensors: dict[str, torch.Tensor], kind: str) -> dict[str, Any]:
+        return {
+            n: t.to(self._dtype) if t.is_floating_point() and t.dtype != self._dtype else t
+            for n, t in tensors.items()
+        }
+
+    def acquire(self, layer: int, kind: str) -> dict[str, Any]:
         key = (layer, kind)
         start = time.perf_counter()
         with self._cond:
@@ -110,13 +127,9 @@ class StreamingWeights:
             slot = self._ready[key]
             self._wait_s += time.perf_counter() - start
         assert slot.tensors is not None
-        if self._dtype == torch.float32 and any(
-            t.dtype != torch.float32 for t in slot.tensors.values()
-        ):
-            converted = {n: t.to(self._dtype) for n, t in slot.tensors.items()}
-            self._converted[key] = converted
-            return converted
-        return slot.tensors
+        prepared = self._prepare(slot.tensors, kind)  # views of the slot where it can
+        self._converted[key] = prepared
+        return prepared
 
     def release(self, layer: int, kind: str) -> None:
         key = (layer, kind)

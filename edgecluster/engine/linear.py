@@ -1,0 +1,192 @@
+"""One linear layer, in whatever form its weights are stored (`weights.quant`).
+
+`make_linear(tensors, name, bias)` turns a block's stored matrix into a callable
+x [T, in] -> [T, out], prepared once for the CPU kernel that reads it fastest. The
+figures are matrix-vector products of SmolLM2's [3072, 576] gate_up on this project's
+2-core AVX2 box, cold in cache (benchmarks/inference.py measures the whole model):
+
+fp32  resident: kept transposed ([in, out], contiguous), computed as x @ w: MKL
+      streams it at ~17 GB/s on one core where F.linear on [out, in] gets ~9.
+      Streamed blocks (read per token) use F.linear as stored.
+bf16  F.linear on [out, in] (oneDNN; it also splits one row across threads).
+int8  resident: fbgemm's packed int8 matrix (`quantized::linear_dynamic`: the row
+      of activations is quantized per call, the weights stay int8 per channel),
+      ~1.7x fp32's time per token on one core. Torch's weight-only kernel
+      (`_weight_int8pack_mm`) is used where fbgemm is missing; on AVX2 it is ~4x
+      slower than fp32.
+int4  torch's `_weight_int4pack_mm_for_cpu` for single rows (packed in memory,
+      half of int8's bytes; on AVX2 it is compute-bound, slower than fp32), and a
+      dequantized float32 matrix for prompts (the kernel is ~50x slower on many
+      rows there).
+
+Every prepared form is numerically the stored matrix: fp32 and bf16 exactly, int8
+and int4 up to their quantization (and fbgemm's activation rounding).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from edgecluster.weights import quant
+
+
+class Linear(Protocol):
+    weight_bytes: int  # bytes a product reads (what a token costs in memory traffic)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def make_linear(
+    tensors: dict[str, torch.Tensor],
+    name: str,
+    bias: torch.Tensor | None = None,
+    *,
+    resident: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> Linear:
+    """The linear layer of matrix `name` in `tensors`; `resident` prepares it for reuse
+    (a block read once per token is used as stored). `dtype` is the compute dtype."""
+    mode = quant.stored_mode(tensors, name)
+    if mode == "int8":
+        return Int8Linear(tensors[name + quant.INT8], tensors[name + quant.SCALE], bias, resident)
+    if mode == "int4":
+        return Int4Linear(
+            tensors[name + quant.INT4], tensors[name + quant.SCALE], tensors[name + quant.MIN], bias
+        )
+    dense_bias = None if bias is None else bias.to(dtype)
+    return DenseLinear(
+        tensors[name].to(dtype), dense_bias, transpose=resident and dtype == torch.float32
+    )
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class DenseLinear:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, transpose: bool):
+        self.out_features = weight.shape[0]
+        self.bias = bias
+        self.weight_bytes = _nbytes(weight, bias)
+        self._transposed = transpose
+        # [in, out] for x @ w, else [out, in] for F.linear
+        self._w = weight.t().contiguous() if transpose else weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._transposed:
+            y = torch.matmul(x, self._w)
+            return y if self.bias is None else y.add_(self.bias)
+        return F.linear(x, self._w, self.bias)
+
+
+@functools.cache
+def fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines or (
+        "x86" in torch.backends.quantized.supported_engines
+    )
+
+
+class Int8Linear:
+    def __init__(
+        self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, resident: bool
+    ):
+        self.out_features = q.shape[0]
+        self.bias = None if bias is None else bias.float()
+        self.weight_bytes = _nbytes(q, scale, bias)
+        self._packed = None
+        if resident and fbgemm_available() and q.numel():
+            with warnings.catch_warnings():  # quantized tensors are deprecated, not gone (2.13)
+                warnings.simplefilter("ignore")
+                qw = torch._make_per_channel_quantized_tensor(
+                    q, scale.double(), torch.zeros(q.shape[0], dtype=torch.long), 0
+                )
+                self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
+        else:
+            self._q, self._scale = q, scale.float()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        if self._packed is not None:
+            y = torch.ops.quantized.linear_dynamic(x32.contiguous(), self._packed, True)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x32, self._q, self._scale)
+            if self.bias is not None:
+                y = y + self.bias
+        return y.to(x.dtype)
+
+
+class Int4Linear:
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        scale: torch.Tensor,
+        low: torch.Tensor,
+        bias: torch.Tensor | None,
+    ):
+        out, half = packed.shape
+        self.out_features = out
+        self.bias = None if bias is None else bias.float()
+        self.weight_bytes = _nbytes(packed, scale, low, bias)
+        self._stored = (packed, scale.float(), low.float())
+        self._group = 2 * half // scale.shape[1] if scale.numel() else 0
+        self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None
+        if out and half and self._group in (32, 64, 128, 256):  # the kernel's group sizes
+            q = quant.unpack_int4(packed).to(torch.int32)
+            kernel_w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+            # torch's form: w = (q - 8) * scale + zero
+            zero = low.float() + 8 * scale.float()
+            scales_zeros = torch.stack((scale.float(), zero), dim=-1).transpose(0, 1).contiguous()
+            self._kernel = (kernel_w, scales_zeros)
+            self._stored = (packed, scale.float(), low.float())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        if self._kernel is not None and x32.shape[0] == 1:
+            kernel_w, scales_zeros = self._kernel
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x32, kernel_w, self._group, scales_zeros)
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            y = F.linear(x32, quant.dequantize_int4(*self._stored), self.bias)
+        return y.to(x.dtype)
+
+
+# The matrices of each block kind, with their optional bias (model_config's contract).
+BLOCK_MATRICES = {
+    "attn": (("qkv", "qkv_weight", "qkv_bias"), ("o", "o_weight", "o_bias")),
+    "mlp": (("gate_up", "gate_up_weight", "gate_up_bias"), ("down", "down_weight", "down_bias")),
+}
+
+
+def prepare_block(
+    tensors: dict[str, torch.Tensor], kind: str, dtype: torch.dtype, *, resident: bool
+) -> dict[str, object]:
+    """A stored block made ready to compute: its matrices as `Linear`s under their
+    short names (qkv, o / gate_up, down), every other tensor (norms) in `dtype`."""
+    ready: dict[str, object] = {}
+    used: set[str] = set()
+    for short, name, bias_name in BLOCK_MATRICES[kind]:
+        bias = tensors.get(bias_name)
+        ready[short] = make_linear(tensors, name, bias, resident=resident, dtype=dtype)
+        used.update(quant.stored_matrix_names(name, quant.stored_mode(tensors, name)))
+        used.add(bias_name)
+    for key, t in tensors.items():
+        if key not in used:
+            ready[key] = t.to(dtype)
+    return ready
+
+
+def block_weight_bytes(block: dict[str, object]) -> int:
+    """Bytes a prepared block reads per token."""
+    total = 0
+    for value in block.values():
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+        else:
+            total += int(getattr(value, "weight_bytes", 0))
+    return total
