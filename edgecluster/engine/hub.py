@@ -21,9 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from edgecluster.comm.communicator import Communicator
+from edgecluster.engine.linear import DenseLinear, make_linear
 from edgecluster.engine.shard_executor import rms_norm
 from edgecluster.engine.step_protocol import end_header, free_header, step_header
 from edgecluster.model_config import ModelConfig
+from edgecluster.weights.quant import QUANTIZED_MODES, dequantize_matrix, quantize_matrix
 
 # Test-only fault injection: a step holding this token id raises after its header was
 # broadcast, the worst place for a failure (tests/test_step_faults.py).
@@ -42,27 +44,67 @@ class HubModel:
         dtype: torch.dtype,
         *,
         max_context: int | None = None,
+        weights: str = "fp32",
     ):
         self.cfg, self.dtype = cfg, dtype
         self.max_context = max_context or cfg.max_position_embeddings
         fault = os.environ.get(FAULT_TOKEN_ENV, "")
         self._fault_token = int(fault) if fault.isdigit() else None
-        self.embed = tensors["embed"].to(dtype)  # [V, H]
         self.final_norm = tensors["final_norm"].to(dtype)  # [H]
-        head = tensors["lm_head"]
-        self.lm_head = self.embed if head is tensors["embed"] else head.to(dtype)  # [V, H]
-        # The LM head reads the whole [V, H] matrix per token while the agents wait:
-        # one slice per core reads it with every core's share of memory bandwidth
-        # (6.1 -> 3.4 ms for SmolLM2 on 2 cores; torch's own threads do not split a
-        # matrix-vector product).
+        tied = tensors["lm_head"] is tensors["embed"]
+        # The LM head reads the whole [V, H] matrix per token while the agents wait, so
+        # it is stored like the layers (`weights`) and split by vocabulary rows into one
+        # slice per core, each computed on its own thread: torch's threads do not split
+        # a matrix-vector product, the slices read with every core's share of memory
+        # bandwidth (SmolLM2 fp32 on 2 cores: 10.9 ms as one F.linear, 5.2 ms).
         parts = max(1, min(4, len(os.sched_getaffinity(0))))
-        self._head_parts = self.lm_head.chunk(parts)
+        head = tensors["lm_head"]
+        self._head_parts = [
+            make_linear(quantize_matrix("w", rows, weights), "w", dtype=dtype)
+            for rows in head.chunk(parts)
+        ]
         self._pool = ThreadPoolExecutor(parts, thread_name_prefix="lm-head") if parts > 1 else None
+        # The embedding is read a few rows per token. Tied to a dense head, its rows
+        # are read from the head's slices (no second copy); tied to a quantized head, a
+        # stored copy is dequantized row by row; untied, it is kept as loaded.
+        self._chunk = -(-head.shape[0] // parts)
+        self._embed_rows: torch.Tensor | None = None
+        self._embed_stored: dict[str, torch.Tensor] = {}
+        if not tied:
+            self._embed_rows = tensors["embed"].to(dtype)
+        elif weights in QUANTIZED_MODES:
+            self._embed_stored = quantize_matrix("w", head, weights)
+        self.weights = weights
 
     @property
     def weight_bytes(self) -> int:
-        tensors = {id(t): t for t in (self.embed, self.final_norm, self.lm_head)}
-        return sum(t.numel() * t.element_size() for t in tensors.values())
+        """Bytes the hub holds: the LM head as stored, the embedding, the final norm."""
+        head = sum(part.weight_bytes for part in self._head_parts)
+        embed = sum(t.numel() * t.element_size() for t in self._embed_stored.values())
+        if self._embed_rows is not None:
+            embed += self._embed_rows.numel() * self._embed_rows.element_size()
+        return head + embed + self.final_norm.numel() * self.final_norm.element_size()
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one decode step reads on the hub (the LM head; a row of the rest)."""
+        return sum(part.weight_bytes for part in self._head_parts)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """[T] ids -> [T, H] in the compute dtype."""
+        if self._embed_rows is not None:
+            return F.embedding(token_ids, self._embed_rows)
+        if self._embed_stored:
+            stored = {name: t[token_ids] for name, t in self._embed_stored.items()}
+            return dequantize_matrix(stored, "w").to(self.dtype)
+        rows = torch.empty(token_ids.numel(), self.cfg.hidden_size, dtype=self.dtype)
+        for i, part in enumerate(self._head_parts):
+            start = i * self._chunk
+            mine = ((token_ids >= start) & (token_ids < start + self._chunk)).nonzero()[:, 0]
+            if mine.numel():
+                assert isinstance(part, DenseLinear)
+                rows[mine] = part.rows(token_ids[mine] - start)
+        return rows
 
     @torch.inference_mode()
     def forward(
@@ -76,7 +118,7 @@ class HubModel:
             raise RuntimeError(
                 f"injected test fault: token {self._fault_token} ({FAULT_TOKEN_ENV})"
             )
-        h = F.embedding(token_ids, self.embed)  # [T, H]
+        h = self.embed(token_ids)  # [T, H]
         comm.broadcast(h)
         blocks = 2 * self.cfg.num_layers
         for block in range(blocks):
@@ -124,8 +166,8 @@ class HubModel:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [S, H] -> [S, V]."""
         if self._pool is None:
-            return F.linear(x, self.lm_head)
-        parts = self._pool.map(lambda w: F.linear(x, w), self._head_parts)
+            return self._head_parts[0](x)
+        parts = self._pool.map(lambda head: head(x), self._head_parts)
         return torch.cat(list(parts), dim=-1)
 
     @staticmethod

@@ -77,6 +77,12 @@ class DenseLinear:
         # [in, out] for x @ w, else [out, in] for F.linear
         self._w = weight.t().contiguous() if transpose else weight
 
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` of the weight, [len(index), in] (an embedding lookup)."""
+        if self._transposed:
+            return self._w.index_select(1, index).t()
+        return self._w.index_select(0, index)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._transposed:
             y = torch.matmul(x, self._w)

@@ -207,7 +207,11 @@ class ServingCluster:
             "state": self.state(),
             "dtype": self.config.dtype,
             "storage_dtype": self._storage_dtype,
-            "hub": {"weight_bytes": self.hub.weight_bytes},
+            "hub": {
+                "weight_bytes": self.hub.weight_bytes,
+                "bytes_per_token": self.hub.bytes_per_token,
+                "weights": self.hub.weights,
+            },
             "agents": agents,
         }
 
