@@ -84,3 +84,19 @@ def test_an_agent_on_a_taken_port_names_the_flag() -> None:
         f"edge-agent: port {port} (--port) is taken; pick another with --port (0: any free port)"
     ]
     assert data.returncode == 2 and "(--data-port) is taken" in data.stderr
+
+
+def test_local_agents_split_the_cores_between_them() -> None:
+    from edgecluster.runtime.local_agents import agent_cores
+
+    assert [agent_cores([0, 1], 1, 0)] == [frozenset({0, 1})]  # one agent: every core
+    assert [agent_cores([0, 1, 2, 3], 2, i) for i in range(2)] == [
+        frozenset({0, 1}),
+        frozenset({2, 3}),
+    ]
+    # more agents than cores: one core each, round-robin
+    assert [agent_cores([0, 1], 3, i) for i in range(3)] == [
+        frozenset({0}),
+        frozenset({1}),
+        frozenset({0}),
+    ]

@@ -5,10 +5,14 @@ Links form a full mesh, opened once per session and kept: rank i dials every ran
 j < i and accepts from every rank j > i. Collectives run in the same order on
 every rank, so frames on a link need no tags.
 
+Collectives run over the whole session or over a group of ranks (`ranks`, in the
+same order on every member): serving reduces among the agents only, so the hub
+sleeps through the layers.
+
 Two all-reduce algorithms:
-- star: every rank sends its partial to the hub, the hub adds and sends the sum
-  back. Two link latencies whatever the rank count (TPI-LLM's choice for
-  latency-bound edge links).
+- star: every rank sends its partial to the group's first rank (the centre), which
+  adds and sends the sum back. Two link latencies whatever the rank count
+  (TPI-LLM's choice for latency-bound edge links).
 - ring: reduce-scatter then all-gather over the ring, 2(N-1) link latencies, each
   carrying 1/N of the payload; better for large payloads on bandwidth-bound links.
 
@@ -20,8 +24,9 @@ PeerLostError naming the lost one instead of waiting for a frame that will not c
 
 Liveness: inside a step (`with comm.step():`, or begin_step / end_step) every read
 has a deadline (`read_deadline_s`, default EDGE_READ_DEADLINE_S or 5 s) and a
-background thread sends a KEEPALIVE on every link that has carried a frame this step
-but had no send for `keepalive_interval_s`, so a rank that is busy computing is not
+background thread sends a KEEPALIVE on every link that had no send for
+`keepalive_interval_s` (every rank takes part in a step, and every receive skips
+keepalives, so none piles up for long), so a rank that is busy computing is not
 taken for a hung one, and one that is stopped (SIGSTOP) or hung is named within the
 deadline. Between steps nothing is sent and reads wait forever: an idle session must
 neither time out nor pile keepalives into a socket nobody reads.
@@ -39,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edgecluster.errors import PeerLostError
+from edgecluster.errors import PeerLostError, TensorMessageError
 from edgecluster.net.datachannel import DataListener, Link, dial, send_tensor_to, wait_any
 from edgecluster.net.polling_reader import env_amount
 
@@ -197,8 +202,7 @@ class Communicator:
                 assert started is not None
             now = time.monotonic()
             for link in list(self._links.values()):
-                used = max(link.last_sent, link.last_received) >= started
-                if used and now - link.last_sent >= interval:
+                if now - max(link.last_sent, started) >= interval:
                     link.send_keepalive()
             time.sleep(interval / 2)
 
@@ -217,6 +221,17 @@ class Communicator:
             self._abort(exc)
             raise
 
+    def recv_watching(self, src: int) -> torch.Tensor:
+        """`src`'s next tensor, reading every other link meanwhile: their keepalives
+        (each peer is held to the read deadline) and the error a peer reports when it
+        lost another, so a rank waiting on one peer still notices any loss at once."""
+        try:
+            received = self._gather_partials(None, list(self._links), until=src)
+            return received[src]
+        except PeerLostError as exc:
+            self._abort(exc)
+            raise
+
     # ---- collectives ----
     def broadcast(self, tensor: torch.Tensor | None, src: int = 0) -> torch.Tensor:
         """Every rank gets `src`'s tensor (others pass None). Star-shaped."""
@@ -230,25 +245,40 @@ class Communicator:
             self._abort(exc)
             raise
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum of every rank's `tensor`, returned on every rank (a new tensor)."""
-        if self.world_size == 1:
-            return tensor.clone()
+    def all_reduce(self, tensor: torch.Tensor, ranks: Sequence[int] | None = None) -> torch.Tensor:
+        """Sum of every member's `tensor`, returned on every member of `ranks` (default:
+        all ranks). A new tensor, or `tensor` itself in a group of one."""
+        group = self._group(ranks)
+        if len(group) == 1:
+            return tensor
         try:
             if self.config.algorithm == "star":
-                return self._star_all_reduce(tensor)
-            return self._ring_all_reduce(tensor)
+                return self._star_all_reduce(tensor, group)
+            return self._ring_all_reduce(tensor, group)
         except PeerLostError as exc:
             self._abort(exc)
             raise
 
-    def reduce(self, tensor: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+    def reduce(
+        self, tensor: torch.Tensor, dst: int = 0, ranks: Sequence[int] | None = None
+    ) -> torch.Tensor | None:
         """Sum at `dst` only (star); saves the return trip when others need no result."""
+        group = self._group(ranks)
+        if dst not in group:
+            raise ValueError(f"reduce to rank {dst}, which is not in the group {list(group)}")
         try:
-            return self._reduce(tensor, dst)
+            return self._reduce(tensor, dst, group)
         except PeerLostError as exc:
             self._abort(exc)
             raise
+
+    def _group(self, ranks: Sequence[int] | None) -> tuple[int, ...]:
+        if ranks is None:
+            return tuple(range(self.world_size))
+        group = tuple(ranks)
+        if self.rank not in group or len(set(group)) != len(group):
+            raise ValueError(f"rank {self.rank} is not a member of the group {list(group)}")
+        return group
 
     def _send(self, tensor: torch.Tensor, dst: int) -> None:
         self._links[dst].send_tensor(tensor)
@@ -269,27 +299,31 @@ class Communicator:
             )
         return incoming
 
-    def _reduce(self, tensor: torch.Tensor, dst: int) -> torch.Tensor | None:
+    def _reduce(self, tensor: torch.Tensor, dst: int, group: Sequence[int]) -> torch.Tensor | None:
         if self.rank != dst:
             self._send(tensor, dst)
             return None
-        partials = self._gather_partials(tensor)
-        total = tensor.to(torch.float32, copy=True)
+        partials = self._gather_partials(tensor, [r for r in group if r != dst])
+        partials[dst] = tensor
+        total = torch.zeros(tensor.shape, dtype=torch.float32)
         for peer in sorted(partials):  # rank order: every run adds the same way
             total += partials[peer]
         return total.to(tensor.dtype)
 
-    def _gather_partials(self, like: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Every peer's partial, decoded as it arrives.
+    def _gather_partials(
+        self, like: torch.Tensor | None, peers: Sequence[int], until: int | None = None
+    ) -> dict[int, torch.Tensor]:
+        """Every peer's partial, decoded as it arrives (shaped `like`); with `until`,
+        only that peer's tensor is awaited and a tensor from another is refused.
 
-        Waiting for the first one blocks: the agents are still computing, and a polling
-        hub would take cycles from an agent that shares its core. The rest arrive
+        Waiting for the first one blocks: the others are still computing, and a polling
+        centre would take cycles from a rank that shares its core. The rest arrive
         close together, so waiting for them polls first (see polling_reader).
         """
-        pending = dict(self._links)
+        pending = {r: self._links[r] for r in peers}
         partials: dict[int, torch.Tensor] = {}
         heard = dict.fromkeys(pending, time.monotonic())  # a frame or keepalive, per peer
-        while pending:
+        while pending and (until is None or until not in partials):
             spin_ns = next(iter(pending.values())).spin_ns if partials else 0
             timeout = self._gather_timeout(pending, heard)
             ready = wait_any(list(pending.values()), spin_ns, timeout)
@@ -299,9 +333,15 @@ class Communicator:
                 peer = next(r for r, candidate in pending.items() if candidate is link)
                 message = link.recv_tensor_or_keepalive()
                 heard[peer] = time.monotonic()
-                if message is not None:
-                    partials[peer] = self._check_like(peer, message, like)
-                    del pending[peer]
+                if message is None:
+                    continue
+                if until is not None and peer != until:
+                    raise TensorMessageError(
+                        f"rank {peer} sent a tensor {list(message.shape)} while rank "
+                        f"{until}'s was awaited: the ranks are out of step"
+                    )
+                partials[peer] = message if like is None else self._check_like(peer, message, like)
+                del pending[peer]
         return partials
 
     def _gather_timeout(self, pending: dict[int, Link], heard: dict[int, float]) -> float | None:
@@ -326,27 +366,27 @@ class Communicator:
         for link in self._links.values():
             link.report_lost(lost)
 
-    def _star_all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        hub = 0
-        if self.rank != hub:
-            self._send(tensor, hub)
-            return self._recv_like(hub, tensor)
-        reduced = self._reduce(tensor, hub)
+    def _star_all_reduce(self, tensor: torch.Tensor, group: Sequence[int]) -> torch.Tensor:
+        centre = group[0]
+        if self.rank != centre:
+            self._send(tensor, centre)
+            return self._recv_like(centre, tensor)
+        reduced = self._reduce(tensor, centre, group)
         assert reduced is not None
-        send_tensor_to(list(self._links.values()), reduced)
+        send_tensor_to([self._links[r] for r in group[1:]], reduced)
         return reduced
 
-    def _ring_all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        n, rank = self.world_size, self.rank
+    def _ring_all_reduce(self, tensor: torch.Tensor, group: Sequence[int]) -> torch.Tensor:
+        n, me = len(group), group.index(self.rank)
         work = tensor.to(torch.float32, copy=True).reshape(-1)
         chunks = list(torch.tensor_split(work, n))
-        nxt, prv = (rank + 1) % n, (rank - 1) % n
-        for step in range(n - 1):  # reduce-scatter: chunk (rank-step) flows forward
-            target = chunks[(rank - step - 1) % n]
-            target += self._exchange(chunks[(rank - step) % n], nxt, prv, target)
-        for step in range(n - 1):  # all-gather: the reduced chunk (rank+1-step) flows on
-            target = chunks[(rank - step) % n]
-            target.copy_(self._exchange(chunks[(rank + 1 - step) % n], nxt, prv, target))
+        nxt, prv = group[(me + 1) % n], group[(me - 1) % n]
+        for step in range(n - 1):  # reduce-scatter: chunk (me-step) flows forward
+            target = chunks[(me - step - 1) % n]
+            target += self._exchange(chunks[(me - step) % n], nxt, prv, target)
+        for step in range(n - 1):  # all-gather: the reduced chunk (me+1-step) flows on
+            target = chunks[(me - step) % n]
+            target.copy_(self._exchange(chunks[(me + 1 - step) % n], nxt, prv, target))
         return work.reshape(tensor.shape).to(tensor.dtype)
 
     def _exchange(self, out: torch.Tensor, dst: int, src: int, like: torch.Tensor) -> torch.Tensor:

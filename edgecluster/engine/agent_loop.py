@@ -1,8 +1,11 @@
 """The agent's side of a serving session: follow the hub's steps until END.
 
-Per step: receive the header and the hidden state, then for each layer compute the
-attention partial, all-reduce, compute the MLP partial, all-reduce (the last one a
-reduce to the hub). Any error on the links ends the session (PeerLostError).
+Per step: receive the header and the embedded hidden state h from the hub, then for
+each layer h += all-reduce(attention partial), h += all-reduce(MLP partial) among
+the agents only (ranks 1..N, star centred on rank 1); every agent holds the same h
+(one sum, broadcast). The last MLP is reduced to rank 1, which sends the final h to
+the hub. One agent alone sends nothing per layer. Any error on the links ends the
+session (PeerLostError).
 """
 
 from __future__ import annotations
@@ -13,7 +16,14 @@ import torch
 
 from edgecluster.comm.communicator import Communicator
 from edgecluster.engine.shard_executor import ShardExecutor
-from edgecluster.engine.step_protocol import OP_END, OP_FREE, OP_STEP, parse_header
+from edgecluster.engine.step_protocol import (
+    AGENTS_CENTRE,
+    HUB,
+    OP_END,
+    OP_FREE,
+    OP_STEP,
+    parse_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +33,7 @@ def run_agent_session(comm: Communicator, executor: ShardExecutor) -> int:
     """Serves steps until the hub ends the session; returns the number of steps."""
     steps = 0
     layers = executor.cfg.num_layers
+    agents = tuple(range(1, comm.world_size))
     while True:
         comm.end_step()  # between steps the hub may idle: no deadline, no keepalives
         op, payload = parse_header(comm.broadcast(None, src=0))
@@ -38,12 +49,14 @@ def run_agent_session(comm: Communicator, executor: ShardExecutor) -> int:
         _check_step(h, payload, executor)
         step = executor.begin_step(payload)
         for layer in range(layers):
-            h = comm.all_reduce(executor.attention(layer, h, step))
+            h = h + comm.all_reduce(executor.attention(layer, h, step), agents)
             partial = executor.mlp(layer, h)
             if layer < layers - 1:
-                h = comm.all_reduce(partial)
+                h = h + comm.all_reduce(partial, agents)
             else:
-                comm.reduce(partial)
+                total = comm.reduce(partial, dst=AGENTS_CENTRE, ranks=agents)
+                if total is not None:
+                    comm.send(h + total, HUB)
         steps += 1
 
 

@@ -1,10 +1,11 @@
 """The hub's part of the model (rank 0, the coordinator): embedding, final norm, LM head.
 
 One forward step of a packed batch: broadcast the step header and the embedded
-hidden state, then for every block all-reduce the residual (the hub's partial is the
-residual itself, the agents' partials are their attention / MLP outputs). The last
-block is a reduce to the hub only. Two messages per agent per block; nothing else
-crosses the network.
+hidden state; the agents run the layers (agent_loop: every agent keeps the residual,
+the star all-reduce among the agents sums their partials), and the first agent sends
+the last hidden state back. The hub waits out the layers without a message per
+block, so its process (HTTP, detokenizing) never sits on the per-layer path, and
+one agent alone runs its layers with no message at all.
 
 A step is checked whole before its first byte is broadcast (token ids inside the
 vocabulary, positions inside the context): a bad step raises StepInputError and the
@@ -23,7 +24,13 @@ import torch.nn.functional as F
 from edgecluster.comm.communicator import Communicator
 from edgecluster.engine.linear import DenseLinear, make_linear
 from edgecluster.engine.shard_executor import rms_norm
-from edgecluster.engine.step_protocol import end_header, free_header, step_header
+from edgecluster.engine.step_protocol import (
+    AGENTS_CENTRE,
+    end_header,
+    free_header,
+    step_header,
+)
+from edgecluster.errors import TensorMessageError
 from edgecluster.model_config import ModelConfig
 from edgecluster.weights.quant import QUANTIZED_MODES, dequantize_matrix, quantize_matrix
 
@@ -120,14 +127,14 @@ class HubModel:
             )
         h = self.embed(token_ids)  # [T, H]
         comm.broadcast(h)
-        blocks = 2 * self.cfg.num_layers
-        for block in range(blocks):
-            if block < blocks - 1:
-                h = comm.all_reduce(h)
-            else:
-                reduced = comm.reduce(h)
-                assert reduced is not None
-                h = reduced
+        # The agents carry the residual through the layers among themselves; the
+        # first of them sends back the last hidden state.
+        h = comm.recv_watching(AGENTS_CENTRE)
+        if h.shape != (token_ids.numel(), self.cfg.hidden_size):
+            raise TensorMessageError(
+                f"the agents returned a hidden state {tuple(h.shape)} for "
+                f"{token_ids.numel()} tokens x hidden {self.cfg.hidden_size}"
+            )
         comm.end_step()
         last = torch.tensor(_last_rows(segments))
         x = rms_norm(h[last], self.final_norm, self.cfg.rms_norm_eps)

@@ -12,6 +12,8 @@ import torch
 from edgecluster.errors import TensorMessageError
 
 OP_STEP, OP_FREE, OP_END = 1, 2, 3
+HUB = 0
+AGENTS_CENTRE = 1  # the agents' star centre, which returns the last hidden state to the hub
 
 
 def step_header(segments: list[tuple[int, int, int]]) -> torch.Tensor:

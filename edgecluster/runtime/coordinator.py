@@ -80,8 +80,9 @@ class CoordinatorNode:
         if self.config.peers:
             threading.Thread(target=self._invite_peers, name="peers", daemon=True).start()
         if self.config.local_agents:
-            threads = max(1, int(effective_cpus()) // (self.config.local_agents + 1))
-            torch.set_num_threads(threads)  # the hub shares the cores with its agents
+            # The hub waits while the agents run the layers, so they get every core.
+            threads = max(1, int(effective_cpus()) // self.config.local_agents)
+            torch.set_num_threads(1)  # the hub's LM head splits itself across cores
             self.local.start(
                 self.config.local_agents,
                 coordinator=self.grpc_address,
