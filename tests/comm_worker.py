@@ -127,15 +127,18 @@ class _Worker:
         self.listener.forget(cmd["session"])
 
 
-def _op_all_reduce(comm: Communicator, cmd: dict[str, Any]) -> Summary:
+def _op_all_reduce(comm: Communicator, cmd: dict[str, Any]) -> Summary | None:
     n, shape, dtype, seed = comm.world_size, cmd["shape"], cmd["dtype"], cmd["seed"]
+    group = cmd.get("ranks") or list(range(n))  # the group reducing; others sit out
+    if comm.rank not in group:
+        return None
     mine = seeded_input(seed, comm.rank, shape, dtype)
     # stagger_ms: the last rank contributes first, rank 1 last (reverse arrival order)
     time.sleep((n - 1 - comm.rank) * cmd.get("stagger_ms", 0.0) / 1e3)
     start = time.monotonic()
-    result = comm.all_reduce(mine)
+    result = comm.all_reduce(mine, cmd.get("ranks"))
     elapsed = time.monotonic() - start
-    inputs = [seeded_input(seed, r, shape, dtype) for r in range(n)]
+    inputs = [seeded_input(seed, r, shape, dtype) for r in group]
     out = _summary(result, dtype, _sum_error_ratio(result, inputs), elapsed)
     rank_order = inputs[0].float()
     for x in inputs[1:]:

@@ -98,7 +98,23 @@ def test_star_sum_is_in_rank_order_whatever_order_partials_arrive(
         assert all(a["rank_order_exact"] for a in answers), f"stagger {stagger_ms} ms"
 
 
-def test_single_node_session_returns_a_copy(sessions: Sessions) -> None:
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_a_group_of_ranks_reduces_among_itself(sessions: Sessions, algorithm: str) -> None:
+    """Serving's shape: the agents (ranks 1..N) all-reduce while the hub (rank 0)
+    sits out; the sum is the group's, in the group's rank order, on every member."""
+    session = sessions.get(4, algorithm)
+    for group in ([1, 2, 3], [1, 3], [2]):
+        answers = sessions.pool.run(
+            session, "all_reduce", seed=21, shape=(3, 576), dtype="float32", ranks=group
+        )
+        assert [r for r, a in enumerate(answers) if a is not None] == group
+        members = [a for a in answers if a is not None]
+        check_sum(members, (3, 576), "float32", f"{algorithm} group {group}")
+        if algorithm == "star":
+            assert all(a["rank_order_exact"] for a in members), f"group {group}"
+
+
+def test_single_node_session_returns_its_own_input(sessions: Sessions) -> None:
     answers = sessions.pool.run(
         sessions.get(1), "all_reduce", seed=5, shape=(7, 143), dtype="bfloat16"
     )
