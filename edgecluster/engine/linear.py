@@ -12,9 +12,9 @@ fp32  resident: kept transposed ([in, out], contiguous), computed as x @ w: MKL
 bf16  F.linear on [out, in] (oneDNN; it also splits one row across threads).
 int8  resident: fbgemm's packed int8 matrix (`quantized::linear_dynamic`: the row
       of activations is quantized per call, the weights stay int8 per channel),
-      ~1.7x fp32's time per token on one core. Torch's weight-only kernel
-      (`_weight_int8pack_mm`) is used where fbgemm is missing; on AVX2 it is ~4x
-      slower than fp32.
+      ~1.7x faster than fp32 per token. Streamed blocks, or a torch without fbgemm:
+      widened to fp32 per product (torch's weight-only `_weight_int8pack_mm` is ~4x
+      slower than fp32 on AVX2, benchmarks/kernels.py).
 int4  torch's `_weight_int4pack_mm_for_cpu` for single rows (packed in memory,
       half of int8's bytes; on AVX2 it is compute-bound, slower than fp32), and a
       dequantized float32 matrix for prompts (the kernel is ~50x slower on many
@@ -129,7 +129,9 @@ class Int8Linear:
         if self._packed is not None:
             y = torch.ops.quantized.linear_dynamic(x32.contiguous(), self._packed, True)
         else:
-            y = torch.ops.aten._weight_int8pack_mm(x32, self._q, self._scale)
+            # A streamed block (used once) or no fbgemm: widen, multiply, scale. Twice
+            # as fast here as torch's weight-only `_weight_int8pack_mm` on AVX2.
+            y = F.linear(x32, self._q.to(torch.float32)).mul_(self._scale)
             if self.bias is not None:
                 y = y + self.bias
         return y.to(x.dtype)
