@@ -7,6 +7,8 @@ For 2, 3 and 4 nodes (one process per rank, all on 127.0.0.1) and payloads of
 our star and ring all-reduce and of gloo's `all_reduce` in the same processes; the
 raw TCP round trip of each payload between two processes (Python sockets,
 TCP_NODELAY, echo); and star against ring at injected link delays of 1 and 5 ms.
+`direct` (every rank sends to every rank and adds itself: one hop; what serving
+uses for a decode step's payloads) at 2304 B and 32 KiB, with and without delay.
 
 How a repetition is timed: every rank passes a barrier (a one-element star
 all-reduce on a separate session), stamps CLOCK_MONOTONIC, runs the operation and
@@ -55,7 +57,7 @@ PAYLOAD_BYTES = (2304, 32 << 10, 1 << 20)
 DELAYS_MS = (1.0, 5.0)
 BAR_US, BAR_SPEEDUP = 300.0, 5.0
 SESSIONS = [("ctrl", "star", 0.0)] + [
-    (f"{algo}@{d:g}", algo, d) for d in (0.0, *DELAYS_MS) for algo in ("star", "ring")
+    (f"{algo}@{d:g}", algo, d) for d in (0.0, *DELAYS_MS) for algo in ("star", "ring", "direct")
 ]
 SESSIONS += [(f"star-{mode}@0", "star", 0.0) for mode in ("plain", "aead")]
 AUTH_MODES = {"plain": "star-plain", "mac": "star", "aead": "star-aead"}
@@ -258,6 +260,7 @@ def measure_cluster(cluster: Cluster, reps: Reps, progress: bool) -> list[dict[s
     cases = [(a, b, 0.0) for b in PAYLOAD_BYTES for a in ("star", "ring", "gloo")]
     cases += [(a, 2304, 0.0) for a in ("star-plain", "star-aead")]
     cases += [(a, b, d) for d in DELAYS_MS for b in PAYLOAD_BYTES for a in ("star", "ring")]
+    cases += [("direct", b, d) for d in (0.0, *DELAYS_MS) for b in PAYLOAD_BYTES[:2]]
     for algo, payload, delay_ms in cases:
         count = reps.count(payload, delay_ms)
         warmup = min(reps.warmup, max(2, count // 5)) if delay_ms else reps.warmup
@@ -266,7 +269,7 @@ def measure_cluster(cluster: Cluster, reps: Reps, progress: bool) -> list[dict[s
         row = {"algo": algo, "nodes": cluster.world, "bytes": payload, "link_delay_ms": delay_ms}
         row |= summarize(stamps) | {"reps": count}
         if delay_ms:
-            hops = 2 if algo == "star" else 2 * (cluster.world - 1)
+            hops = {"star": 2, "direct": 1}.get(algo, 2 * (cluster.world - 1))
             row["model_floor_us"] = hops * delay_ms * 1e3
         rows.append(row)
         if progress:

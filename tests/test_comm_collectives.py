@@ -16,6 +16,7 @@ from tests.comm_worker import RankPool
 
 NODE_COUNTS = (2, 3, 4, 5, 6)
 ALGORITHMS = ("star", "ring")
+SMALL_PAYLOAD_ALGORITHMS = ("direct",)  # direct up to 64 KiB, star above
 HALF_AND_FULL = ("float32", "bfloat16", "float16")
 SHAPES = ((1,), (7,), (7, 143), (256, 1024))  # one element, odd sizes, 1 MiB of fp32
 BIG_SHAPE = (16, 1 << 20)  # 64 MiB of fp32
@@ -98,7 +99,27 @@ def test_star_sum_is_in_rank_order_whatever_order_partials_arrive(
         assert all(a["rank_order_exact"] for a in answers), f"stagger {stagger_ms} ms"
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", SMALL_PAYLOAD_ALGORITHMS)
+@pytest.mark.parametrize("num_nodes", (2, 3, 5))
+def test_direct_all_reduce_gives_every_rank_the_same_sum(
+    sessions: Sessions, num_nodes: int, algorithm: str
+) -> None:
+    """Every rank adds everyone's partial itself, in rank order: the same bits on
+    every rank, whatever order the partials arrive in; large payloads go by star."""
+    session = sessions.get(num_nodes, algorithm)
+    for stagger_ms in (0.0, 20.0):
+        answers = sessions.pool.run(
+            session, "all_reduce", seed=4, shape=(1, 576), dtype="float32", stagger_ms=stagger_ms
+        )
+        check_sum(answers, (1, 576), "float32", f"{algorithm} {num_nodes} stagger {stagger_ms}")
+        assert all(a["rank_order_exact"] for a in answers), f"stagger {stagger_ms} ms"
+    for dtype in HALF_AND_FULL:  # (256, 1024) is 1 MiB in fp32: it goes by star
+        for shape in ((7, 143), (256, 1024)):
+            answers = sessions.pool.run(session, "all_reduce", seed=6, shape=shape, dtype=dtype)
+            check_sum(answers, shape, dtype, f"{algorithm} {num_nodes} nodes {dtype} {shape}")
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS + SMALL_PAYLOAD_ALGORITHMS)
 def test_a_group_of_ranks_reduces_among_itself(sessions: Sessions, algorithm: str) -> None:
     """Serving's shape: the agents (ranks 1..N) all-reduce while the hub (rank 0)
     sits out; the sum is the group's, in the group's rank order, on every member."""
@@ -110,7 +131,7 @@ def test_a_group_of_ranks_reduces_among_itself(sessions: Sessions, algorithm: st
         assert [r for r, a in enumerate(answers) if a is not None] == group
         members = [a for a in answers if a is not None]
         check_sum(members, (3, 576), "float32", f"{algorithm} group {group}")
-        if algorithm == "star":
+        if algorithm != "ring":
             assert all(a["rank_order_exact"] for a in members), f"group {group}"
 
 

@@ -13,6 +13,10 @@ Two all-reduce algorithms:
 - star: every rank sends its partial to the group's first rank (the centre), which
   adds and sends the sum back. Two link latencies whatever the rank count
   (TPI-LLM's choice for latency-bound edge links).
+- direct: every rank sends its partial to every other rank and adds them all
+  itself, in rank order. One link latency, N-1 sends and receives per rank. Only
+  payloads up to 64 KiB go direct (sending before receiving could fill the socket
+  buffers of large ones); larger ones go by star.
 - ring: reduce-scatter then all-gather over the ring, 2(N-1) link latencies, each
   carrying 1/N of the payload; better for large payloads on bandwidth-bound links.
 
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -50,9 +55,19 @@ from edgecluster.net.polling_reader import env_amount
 
 log = logging.getLogger(__name__)
 
-ALGORITHMS = ("star", "ring")
+ALGORITHMS = ("star", "ring", "direct")
+DIRECT_MAX_BYTES = 64 << 10
 _ASYNC_SEND_BYTES = 128 << 10
 DEFAULT_READ_DEADLINE_S = 5.0
+
+
+def serving_algorithm() -> str:
+    """EDGE_ALLREDUCE (star, ring or direct), else direct: the agents' decode steps are
+    small payloads, and direct pays one link latency where star pays two."""
+    name = os.environ.get("EDGE_ALLREDUCE", "").strip() or "direct"
+    if name not in ALGORITHMS:
+        raise ValueError(f"EDGE_ALLREDUCE={name!r}: choose one of {', '.join(ALGORITHMS)}")
+    return name
 
 
 def default_read_deadline_s() -> float:
@@ -98,6 +113,15 @@ class SessionConfig:
     @property
     def world_size(self) -> int:
         return len(self.endpoints)
+
+
+def _sum_in_rank_order(partials: dict[int, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The sum in float32, added in rank order whatever order the partials arrived in
+    (so every run, and every rank that adds them, gets the same bits), cast once."""
+    total = torch.zeros(next(iter(partials.values())).shape, dtype=torch.float32)
+    for rank in sorted(partials):
+        total += partials[rank]
+    return total.to(dtype)
 
 
 def _dial_when_expected(config: SessionConfig, peer: int, name: str) -> Link:
@@ -252,8 +276,13 @@ class Communicator:
         if len(group) == 1:
             return tensor
         try:
-            if self.config.algorithm == "star":
+            algorithm = self.config.algorithm
+            if algorithm == "direct" and tensor.numel() * tensor.element_size() > DIRECT_MAX_BYTES:
+                algorithm = "star"
+            if algorithm == "star":
                 return self._star_all_reduce(tensor, group)
+            if algorithm == "direct":
+                return self._direct_all_reduce(tensor, group)
             return self._ring_all_reduce(tensor, group)
         except PeerLostError as exc:
             self._abort(exc)
@@ -305,10 +334,7 @@ class Communicator:
             return None
         partials = self._gather_partials(tensor, [r for r in group if r != dst])
         partials[dst] = tensor
-        total = torch.zeros(tensor.shape, dtype=torch.float32)
-        for peer in sorted(partials):  # rank order: every run adds the same way
-            total += partials[peer]
-        return total.to(tensor.dtype)
+        return _sum_in_rank_order(partials, tensor.dtype)
 
     def _gather_partials(
         self, like: torch.Tensor | None, peers: Sequence[int], until: int | None = None
@@ -375,6 +401,13 @@ class Communicator:
         assert reduced is not None
         send_tensor_to([self._links[r] for r in group[1:]], reduced)
         return reduced
+
+    def _direct_all_reduce(self, tensor: torch.Tensor, group: Sequence[int]) -> torch.Tensor:
+        others = [r for r in group if r != self.rank]
+        send_tensor_to([self._links[r] for r in others], tensor)
+        partials = self._gather_partials(tensor, others)
+        partials[self.rank] = tensor
+        return _sum_in_rank_order(partials, tensor.dtype)
 
     def _ring_all_reduce(self, tensor: torch.Tensor, group: Sequence[int]) -> torch.Tensor:
         n, me = len(group), group.index(self.rank)

@@ -29,7 +29,7 @@ import psutil
 import torch
 
 from edgecluster.api.backend import BackendBusy, BackendUnavailable, SamplingParams
-from edgecluster.comm.communicator import Communicator, SessionConfig
+from edgecluster.comm.communicator import Communicator, SessionConfig, serving_algorithm
 from edgecluster.config import CoordinatorConfig
 from edgecluster.engine.hub import HubModel
 from edgecluster.errors import EdgeClusterError, PeerLostError, PlanError
@@ -383,7 +383,7 @@ class ServingCluster:
                 encrypt_data=encrypt,
                 rank=rank,
                 endpoints=[hub, *agent_endpoints],
-                algorithm="star",
+                algorithm=serving_algorithm(),
                 shard_key=keys[placement.node_id],
                 compute_dtype=self.config.dtype,
                 window_blocks=placement.window_blocks,
