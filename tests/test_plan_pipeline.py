@@ -168,7 +168,7 @@ def assert_timeline_sound(plan: PipelinePlan, cluster: ClusterSpec) -> None:
 clusters = st.lists(st.sampled_from([5.0, 10.0, 20.0, 40.0, 80.0]), min_size=1, max_size=10)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     speeds=clusters,
     num_layers=st.integers(2, 12),
@@ -176,7 +176,8 @@ clusters = st.lists(st.sampled_from([5.0, 10.0, 20.0, 40.0, 80.0]), min_size=1, 
     skip_ratio=st.sampled_from([0.25, 0.33, 0.5]),
     max_swaps=st.integers(0, 2),
     num_micro_batches=st.integers(1, 12),
-    max_slots=st.sampled_from([None, 3, 6]),
+    max_slots=st.sampled_from([None, 4, 12]),
+    num_stages=st.one_of(st.none(), st.integers(2, 8)),
     seed=st.integers(0, 3),
 )
 def test_plans_keep_every_rule_on_random_clusters(
@@ -187,19 +188,22 @@ def test_plans_keep_every_rule_on_random_clusters(
     max_swaps: int,
     num_micro_batches: int,
     max_slots: int | None,
+    num_stages: int | None,
     seed: int,
 ) -> None:
     cluster = make_cluster(speeds, seed=seed)
     options = PipelineOptions(
         schedule=schedule, skip_ratio=skip_ratio, max_swaps=max_swaps,
         num_micro_batches=num_micro_batches, seq_len=32, seed=seed, max_memory_slots=max_slots,
-        search_evaluations=20,
+        num_stages=num_stages, search_evaluations=20,
     )  # fmt: skip
     try:
         plan = plan_pipeline(cluster, small_model(num_layers), options)
-    except PlanError as exc:  # the only refusals: unequal visits or too few memory slots
-        assert "equally" in str(exc) or "memory slot" in str(exc)
+    except PlanError as exc:  # the only refusals: unequal visits, memory slots, too many stages
+        assert any(why in str(exc) for why in ("equally", "memory slot", "does not fit")), exc
         return
+    if num_stages is not None:
+        assert plan.allocation.num_stages == num_stages
     assert_rules_hold(plan, cluster)
     assert_timeline_sound(plan, cluster)
     replay = simulate(

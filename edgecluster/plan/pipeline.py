@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from edgecluster.errors import PlanError
 from edgecluster.model_config import ModelConfig
 from edgecluster.plan.cluster_file import ClusterSpec
 from edgecluster.plan.pipeline_cost import PipelineCosts, pipeline_costs
@@ -53,7 +54,7 @@ class PipelineOptions:
     seed: int = 0
     max_memory_slots: int | None = None
     runtime_bytes: int = RUNTIME_BYTES
-    search_evaluations: int = 300
+    search_evaluations: int = 500
     search_time_budget_s: float = 3.0
 
     def __post_init__(self) -> None:
@@ -107,22 +108,70 @@ class PipelinePlan:
 def allocate_for(
     cluster: ClusterSpec, model: ModelConfig, options: PipelineOptions
 ) -> StageAllocation:
-    """The stage allocation `options` ask for; an automatic stage count keeps visits equal."""
+    """The stage allocation `options` ask for.
+
+    With `num_stages` None, every stage count from 2 up to one stage per agent (and
+    per layer) that keeps the visits equal is allocated, and the one whose
+    unsearched plan (full paths, random-skip, or skippipe's starting point) simulates
+    fastest wins: links,
+    replicas' all-reduce and stage 0's share all weigh in.
+    """
     costs = _costs(model, options)
-
-    def visits_equal(num_stages: int) -> bool:
+    if options.num_stages is not None:
+        return _allocate(cluster, costs, options, options.num_stages)
+    most = max(2, min(len(cluster.devices), costs.num_layers + 1))
+    best: tuple[float, StageAllocation] | None = None
+    error: PlanError | None = None
+    for num_stages in range(2, most + 1):
         rules = options.rules(num_stages)
-        return rules.num_micro_batches * rules.path_stages % (num_stages - 1) == 0
+        if rules.num_micro_batches * rules.path_stages % (num_stages - 1):
+            continue
+        try:
+            allocation = _allocate(cluster, costs, options, num_stages)
+            paths, policy, in_flight = _unsearched_paths(allocation, options, rules)
+            if options.schedule == "skippipe":  # the search's start, no search
+                paths = search_skip_paths(
+                    allocation=allocation, rules=rules, costs=costs, cluster=cluster,
+                    start=paths, seed=options.seed, max_evaluations=0,
+                )  # fmt: skip
+        except PlanError as exc:
+            error = exc
+            continue
+        sim = simulate(
+            paths=paths, allocation=allocation, costs=costs, cluster=cluster, policy=policy,
+            max_in_flight=in_flight,
+        )  # fmt: skip
+        if best is None or sim.iteration_s < best[0]:
+            best = (sim.iteration_s, allocation)
+    if best is None:
+        raise error or PlanError("no stage count fits; set --stages")
+    return best[1]
 
+
+def _allocate(
+    cluster: ClusterSpec, costs: PipelineCosts, options: PipelineOptions, num_stages: int
+) -> StageAllocation:
     return allocate_stages(
         cluster,
         costs,
-        num_stages=options.num_stages,
+        num_stages=num_stages,
         visit_fraction=options.visit_fraction,
         max_memory_slots=options.max_memory_slots,
         runtime_bytes=options.runtime_bytes,
-        stage_count_ok=visits_equal,
     )
+
+
+def _unsearched_paths(
+    allocation: StageAllocation, options: PipelineOptions, rules: PathRules
+) -> tuple[list[MicroBatchPath], str, int | None]:
+    """Paths before any search, with the simulator policy and in-flight bound of the schedule."""
+    visits_per_stage(allocation.num_stages, rules)
+    if options.schedule == "gpipe":
+        return full_paths(allocation, options.num_micro_batches), "forward-first", None
+    if options.schedule == "1f1b":
+        paths = full_paths(allocation, options.num_micro_batches)
+        return paths, "backward-first", allocation.num_stages
+    return random_skip_paths(allocation, rules, seed=options.seed), "backward-first", None
 
 
 def plan_pipeline(
@@ -137,25 +186,18 @@ def plan_pipeline(
     if allocation is None:
         allocation = allocate_for(cluster, model, options)
     rules = options.rules(allocation.num_stages)
-    visits_per_stage(allocation.num_stages, rules)
-    policy, in_flight = "backward-first", None
-    if options.schedule in ("gpipe", "1f1b"):
-        paths = full_paths(allocation, options.num_micro_batches)
-        policy = "forward-first" if options.schedule == "gpipe" else "backward-first"
-        in_flight = allocation.num_stages if options.schedule == "1f1b" else None
-    else:
-        paths = random_skip_paths(allocation, rules, seed=options.seed)
-        if options.schedule == "skippipe":
-            paths = search_skip_paths(
-                allocation=allocation,
-                rules=rules,
-                costs=costs,
-                cluster=cluster,
-                start=paths,
-                seed=options.seed,
-                max_evaluations=options.search_evaluations,
-                time_budget_s=options.search_time_budget_s,
-            )
+    paths, policy, in_flight = _unsearched_paths(allocation, options, rules)
+    if options.schedule == "skippipe":
+        paths = search_skip_paths(
+            allocation=allocation,
+            rules=rules,
+            costs=costs,
+            cluster=cluster,
+            start=paths,
+            seed=options.seed,
+            max_evaluations=options.search_evaluations,
+            time_budget_s=options.search_time_budget_s,
+        )
     check_paths(paths, allocation, rules)
     sim = simulate(
         paths=paths,

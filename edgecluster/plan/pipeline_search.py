@@ -70,7 +70,7 @@ def search_skip_paths(
     cluster: ClusterSpec,
     start: Sequence[MicroBatchPath],
     seed: int,
-    max_evaluations: int = 300,
+    max_evaluations: int = 500,
     time_budget_s: float = 3.0,
 ) -> list[MicroBatchPath]:
     """The best paths found; `start` (e.g. random-skip's) is one of the starting points."""

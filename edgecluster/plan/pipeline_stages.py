@@ -20,7 +20,7 @@ needs. An agent must have at least one slot; `max_memory_slots` caps them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from edgecluster.errors import PlanError
@@ -98,18 +98,15 @@ def allocate_stages(
     cluster: ClusterSpec,
     costs: PipelineCosts,
     *,
-    num_stages: int | None,
+    num_stages: int,
     visit_fraction: float,
     max_memory_slots: int | None = None,
     runtime_bytes: int = RUNTIME_BYTES,
-    stage_count_ok: Callable[[int], bool] | None = None,
 ) -> StageAllocation:
-    """Stages over the cluster's devices.
+    """`num_stages` stages over the cluster's devices; PlanError when they cannot fit.
 
     `visit_fraction` is the share of micro-batches that visit a layer stage (1 - skip
-    ratio; 1 for a full pipeline). With `num_stages` None the count is chosen: stage 0
-    first takes its share of speed, then every other agent gets a stage of its own
-    (capped at one layer per stage); `stage_count_ok(S)`, when given, must accept S.
+    ratio; 1 for a full pipeline): it sets stage 0's share of the cluster's speed.
     """
     if not 0 < visit_fraction <= 1:
         raise ValueError(f"visit_fraction must be in (0, 1], got {visit_fraction}")
@@ -118,9 +115,6 @@ def allocate_stages(
     speeds = {d.name: d.gflops for d in cluster.devices}
     order = sorted(speeds, key=lambda n: (-speeds[n], n))
     layers = costs.num_layers
-    stage0 = _stage0_agents(order, speeds, costs, visit_fraction, min_others=1)
-    if num_stages is None:
-        num_stages = _auto_stage_count(len(order) - len(stage0), layers, stage_count_ok)
     if not 2 <= num_stages <= layers + 1:
         raise PlanError(
             f"--stages {num_stages} does not fit a model of {layers} layers: use 2.."
@@ -167,14 +161,6 @@ def _stage0_agents(
         chosen.append(name)
         total += speeds[name]
     return chosen or [order[0]]
-
-
-def _auto_stage_count(num_others: int, num_layers: int, ok: Callable[[int], bool] | None) -> int:
-    most = max(1, min(num_others, num_layers))
-    for others in range(most, 0, -1):
-        if ok is None or ok(others + 1):
-            return others + 1
-    return 2
 
 
 def _snake(names: Sequence[str], num_groups: int) -> list[list[str]]:
