@@ -7,6 +7,7 @@ timeline computed by hand.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections import Counter
@@ -27,7 +28,7 @@ from edgecluster.plan.pipeline import (
     plan_pipeline,
 )
 from edgecluster.plan.pipeline_cost import TRAINING_BYTES_PER_PARAM, PipelineCosts
-from edgecluster.plan.pipeline_describe import describe_plan
+from edgecluster.plan.pipeline_describe import describe_plan, plan_to_dict
 from edgecluster.plan.pipeline_paths import Hop, MicroBatchPath
 from edgecluster.plan.pipeline_sim import simulate
 from edgecluster.plan.pipeline_stages import Stage, StageAllocation
@@ -301,6 +302,10 @@ def test_skippipe_beats_random_skip_and_gpipe_on_an_uneven_8_agent_cluster() -> 
     for needle in ("Stages", "embedding, head, loss", "mb 11", "Agent orders", "random-skip"):
         assert needle in text
     assert "vs gpipe" in text and "skippipe" in text
+    view = json.loads(json.dumps(plan_to_dict(plans["skippipe"])))
+    assert view["paths"][0][0] == view["paths"][0][-1] and view["paths"][0][0][0] == 0
+    assert view["simulated"]["iteration_s"] == pytest.approx(times["skippipe"])
+    assert sum(len(o) for o in view["orders"].values()) == len(plans["skippipe"].simulation.jobs)
 
 
 def test_a_20_agent_plan_is_found_in_seconds() -> None:

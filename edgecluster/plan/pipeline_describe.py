@@ -1,14 +1,18 @@
-"""Plain-text description of a pipeline plan, as `edge-coordinator train --dry-run` prints it.
+"""Text and JSON views of a pipeline plan.
 
-Pure: a plan (and optionally every schedule's plan on the same stages) -> str. Four
-sections: stages with their layers and agents; each micro-batch's path; each
-agent's processing order with its memory slots and simulated busy fraction; the
-simulated iteration time of every schedule, with its change against gpipe.
+Pure. `describe_plan` is what `edge-coordinator train --dry-run` prints: stages with
+their layers and agents; each micro-batch's path; each agent's processing order with
+its memory slots and simulated busy fraction; the simulated iteration time of every
+schedule, with its change against gpipe. `plan_to_dict` is the same plan as plain
+JSON types (for `GET /v1/training` and `--log-json`): orders are lists of
+[micro_batch, kind, stage], paths lists of [stage, agent].
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any
 
 from edgecluster.plan.pipeline import PipelinePlan
 from edgecluster.plan.pipeline_paths import MicroBatchPath
@@ -91,3 +95,28 @@ def _schedules(plans: Mapping[str, PipelinePlan]) -> list[str]:
         lines.append(f"  {name:<12} {sim.iteration_s:>9.3f}s {sim.makespan_s:>9.3f}s {change:>9}")
     lines.append("  (pipeline: last backward done; iteration: after the replicas' all-reduce)")
     return lines
+
+
+def plan_to_dict(plan: PipelinePlan) -> dict[str, Any]:
+    """The plan in JSON types: options, stages, memory slots, paths, orders, simulation."""
+    sim, a = plan.simulation, plan.allocation
+    return {
+        "schedule": plan.schedule,
+        "options": asdict(plan.options),
+        "stages": [
+            {"index": s.index, "layers": [s.layer_start, s.layer_end], "agents": list(s.agents)}
+            for s in a.stages
+        ],
+        "memory_slots": dict(a.memory_slots),
+        "paths": [[[h.stage, h.agent] for h in p.hops] for p in plan.paths],
+        "orders": {
+            agent: [[x.micro_batch, x.kind, x.stage] for x in actions]
+            for agent, actions in plan.orders.items()
+        },
+        "simulated": {
+            "iteration_s": sim.iteration_s,
+            "makespan_s": sim.makespan_s,
+            "allreduce_s": list(sim.allreduce_s),
+            "busy_fraction": dict(sim.busy_fraction),
+        },
+    }
