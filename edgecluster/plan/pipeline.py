@@ -18,6 +18,7 @@ on one stage allocation (skippipe's) for `--dry-run` and the benchmark.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -40,6 +41,7 @@ from edgecluster.plan.pipeline_stages import RUNTIME_BYTES, StageAllocation, all
 
 SCHEDULES = ("skippipe", "gpipe", "1f1b", "random-skip")
 SKIPPING = ("skippipe", "random-skip")
+STAGE_COUNT_EVALUATIONS = 40  # skippipe: search steps per candidate stage count
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,41 +113,63 @@ def allocate_for(
     """The stage allocation `options` ask for.
 
     With `num_stages` None, every stage count from 2 up to one stage per agent (and
-    per layer) that keeps the visits equal is allocated, and the one whose
-    unsearched plan (full paths, random-skip, or skippipe's starting point) simulates
-    fastest wins: links,
-    replicas' all-reduce and stage 0's share all weigh in.
+    per layer) that keeps the visits equal is allocated, and the one whose plan
+    simulates fastest wins (full paths; random-skip; skippipe after a short search
+    sharing `search_time_budget_s`): links, the replicas' all-reduce and stage 0's
+    share all weigh in.
     """
     costs = _costs(model, options)
     if options.num_stages is not None:
         return _allocate(cluster, costs, options, options.num_stages)
     most = max(2, min(len(cluster.devices), costs.num_layers + 1))
+    counts = [s for s in range(2, most + 1) if _visits_can_be_equal(options, s)]
+    deadline = time.monotonic() + options.search_time_budget_s
     best: tuple[float, StageAllocation] | None = None
     error: PlanError | None = None
-    for num_stages in range(2, most + 1):
-        rules = options.rules(num_stages)
-        if rules.num_micro_batches * rules.path_stages % (num_stages - 1):
-            continue
+    for i, num_stages in enumerate(counts):
+        budget_s = max(0.0, deadline - time.monotonic()) / (len(counts) - i)
         try:
-            allocation = _allocate(cluster, costs, options, num_stages)
-            paths, policy, in_flight = _unsearched_paths(allocation, options, rules)
-            if options.schedule == "skippipe":  # the search's start, no search
-                paths = search_skip_paths(
-                    allocation=allocation, rules=rules, costs=costs, cluster=cluster,
-                    start=paths, seed=options.seed, max_evaluations=0,
-                )  # fmt: skip
+            scored = _score_stage_count(cluster, costs, options, num_stages, budget_s)
         except PlanError as exc:
             error = exc
             continue
-        sim = simulate(
-            paths=paths, allocation=allocation, costs=costs, cluster=cluster, policy=policy,
-            max_in_flight=in_flight,
-        )  # fmt: skip
-        if best is None or sim.iteration_s < best[0]:
-            best = (sim.iteration_s, allocation)
+        if best is None or scored[0] < best[0]:
+            best = scored
     if best is None:
-        raise error or PlanError("no stage count fits; set --stages")
+        raise error or PlanError(
+            f"{options.num_micro_batches} micro-batches cannot visit the layer stages equally "
+            f"at any stage count; set --stages, --micro-batches or --skip-ratio"
+        )
     return best[1]
+
+
+def _visits_can_be_equal(options: PipelineOptions, num_stages: int) -> bool:
+    rules = options.rules(num_stages)
+    return rules.num_micro_batches * rules.path_stages % (num_stages - 1) == 0
+
+
+def _score_stage_count(
+    cluster: ClusterSpec,
+    costs: PipelineCosts,
+    options: PipelineOptions,
+    num_stages: int,
+    budget_s: float,
+) -> tuple[float, StageAllocation]:
+    """Simulated iteration of the schedule's quick plan on `num_stages` stages."""
+    allocation = _allocate(cluster, costs, options, num_stages)
+    rules = options.rules(num_stages)
+    paths, policy, in_flight = _unsearched_paths(allocation, options, rules)
+    if options.schedule == "skippipe":  # a short search tells stage counts apart
+        paths = search_skip_paths(
+            allocation=allocation, rules=rules, costs=costs, cluster=cluster, start=paths,
+            seed=options.seed, time_budget_s=budget_s,
+            max_evaluations=min(STAGE_COUNT_EVALUATIONS, options.search_evaluations),
+        )  # fmt: skip
+    sim = simulate(
+        paths=paths, allocation=allocation, costs=costs, cluster=cluster, policy=policy,
+        max_in_flight=in_flight,
+    )  # fmt: skip
+    return sim.iteration_s, allocation
 
 
 def _allocate(
