@@ -125,7 +125,11 @@ def simulate(
     orders: Mapping[str, Sequence[Action]] | None = None,
     chain_cache: dict[tuple[int, tuple[Hop, ...]], Chain] | None = None,
 ) -> SimResult:
-    """One iteration of `paths`; `chain_cache` lets a search reuse unchanged paths' jobs."""
+    """One iteration of `paths`.
+
+    `chain_cache` lets a search reuse the jobs of unchanged paths; keep one cache per
+    policy, allocation and cluster.
+    """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     chains = []

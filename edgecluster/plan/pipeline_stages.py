@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from edgecluster.errors import PlanError
 from edgecluster.plan.cluster_file import ClusterSpec
-from edgecluster.plan.pipeline_cost import PipelineCosts
+from edgecluster.plan.pipeline_cost import BACKWARD_FACTOR, PipelineCosts
 from edgecluster.plan.split import split_units
 from edgecluster.units import format_bytes
 
@@ -149,7 +149,9 @@ def _stage0_agents(
 ) -> list[str]:
     """Fastest-first agents whose speed comes closest to stage 0's share of the work."""
     stage0_work = costs.loss_flops + 2 * costs.embed_forward_flops
-    layer_work = visit_fraction * costs.num_layers * 3 * costs.layer_forward_flops
+    layer_work = (
+        visit_fraction * costs.num_layers * (1 + BACKWARD_FACTOR) * costs.layer_forward_flops
+    )
     target = sum(speeds.values()) * stage0_work / (stage0_work + layer_work)
     chosen: list[str] = []
     total = 0.0
