@@ -39,7 +39,8 @@ def _header(plan: PipelinePlan) -> str:
     o, a = plan.options, plan.allocation
     visited = len(plan.paths[0].middle) if plan.paths else 0
     text = (
-        f"Plan: {plan.schedule}, {a.num_stages} stages over {len(a.agents)} agents, "
+        f"Plan: {plan.schedule}, {a.num_stages} stages over {len(a.agents)} "
+        f"agent{'' if len(a.agents) == 1 else 's'}, "
         f"{o.num_micro_batches} micro-batches of {o.micro_batch_size} x {o.seq_len} tokens; "
         f"each path visits {visited} of {a.num_stages - 1} layer stages"
     )
@@ -79,7 +80,7 @@ def _orders(plan: PipelinePlan) -> list[str]:
         slots = plan.allocation.memory_slots[agent]
         busy = sim.busy_fraction.get(agent, 0.0)
         actions = " ".join(str(a) for a in plan.orders.get(agent, ()))
-        lines.append(f"  {agent} (slots {slots}, busy {busy:.0%}): {actions}")
+        lines.append(f"  {agent} (slots {slots}, busy {busy:.1%}): {actions}")
     return lines
 
 
