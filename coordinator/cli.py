@@ -114,9 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--peers", default="", help="agents to invite, host:port,...")
     serve.add_argument("--no-mdns", action="store_true")
     serve.add_argument("--min-agents", type=int, help="agents to wait for (default: --local or 1)")
-    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     serve.add_argument(
-        "--storage-dtype", choices=["float32", "bfloat16"], help="shard bytes on disk"
+        "--weights",
+        metavar="fp32|bf16|int8|int4",
+        help="how the layer matrices and the LM head are stored, sent and kept in memory: "
+        "int8 per channel, int4 per group of 32 (default: what the checkpoint holds; int8 "
+        "for a GGUF file quantized to 4 or 8 bits, such as the default model)",
+    )
+    serve.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="compute dtype (default: bfloat16 for --weights bf16, else float32)",
+    )
+    serve.add_argument(
+        "--storage-dtype",
+        choices=["float32", "bfloat16"],
+        help="older spelling of --weights fp32|bf16",
     )
     serve.add_argument("--max-context", type=int, default=2048)
     serve.add_argument(
@@ -157,6 +170,7 @@ def _serve_config(args: argparse.Namespace, token: str, api_key: str | None) -> 
         local_agents=args.local,
         min_agents=args.min_agents or max(1, args.local),
         dtype=args.dtype,
+        weights=args.weights,
         storage_dtype=args.storage_dtype,
         max_context=args.max_context,
         kv_dtype=args.kv_dtype,
@@ -213,8 +227,9 @@ def _print_when_ready(node: Any, auth: str) -> None:
             "temperature": 0,
         }
     )
+    weights = node.serving.weights.describe()
     print(
-        f"\nready: {cfg.model} on {len(node.membership.alive())} agents. Try:\n"
+        f"\nready: {cfg.model} on {len(node.membership.alive())} agents, {weights}. Try:\n"
         f"curl http://{host}:{cfg.http_port}/v1/chat/completions{auth} "
         f"-H 'Content-Type: application/json' -d '{body}'\n",
         flush=True,

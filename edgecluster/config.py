@@ -110,8 +110,9 @@ class CoordinatorConfig:
     mdns: bool = True
     local_agents: int = 0
     min_agents: int = 1
-    dtype: str = "float32"
-    storage_dtype: str | None = None  # None: same as dtype
+    dtype: str | None = None  # compute dtype; None: bfloat16 for bf16 weights, else float32
+    weights: str | None = None  # fp32 | bf16 | int8 | int4; None: what the checkpoint holds
+    storage_dtype: str | None = None  # older spelling of weights fp32 | bf16
     max_context: int = 2048
     kv_dtype: str | None = None  # None: same as dtype
     kv_budget_tokens: int = 0  # KV positions held at once over all requests; 0: auto
@@ -134,10 +135,13 @@ class CoordinatorConfig:
         _check_port("--grpc-port", self.grpc_port)
         if self.local_agents < 0 or self.min_agents < 1:
             raise ValueError("--local must be >= 0 and --min-agents >= 1")
-        if self.dtype not in DTYPES:
+        if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.storage_dtype is not None and self.storage_dtype not in DTYPES:
             raise ValueError(f"--storage-dtype must be one of {DTYPES}")
+        from edgecluster.weights.weight_mode import check_weights_flags  # imports torch
+
+        check_weights_flags(self.weights, self.dtype, self.storage_dtype)
         if self.max_context < 16:
             raise ValueError("--max-context must be at least 16 tokens")
         if self.kv_dtype is not None and self.kv_dtype not in DTYPES:

@@ -34,7 +34,9 @@ class ParityCluster:
         *,
         launcher: Callable[..., subprocess.Popen] = subprocess.Popen,
         agent_args: Sequence[str] = (),
+        per_agent_args: Sequence[Sequence[str]] = (),
     ) -> None:
+        """`agent_args` go to every agent, `per_agent_args[i]` to agent i only."""
         self.root = root
         self.node = CoordinatorNode(
             CoordinatorConfig(
@@ -60,6 +62,7 @@ class ParityCluster:
                     "--log-level",
                     "WARNING",
                     *agent_args,
+                    *(per_agent_args[i] if i < len(per_agent_args) else ()),
                 ],
                 env=env,
             )
@@ -76,7 +79,11 @@ class ParityCluster:
         alive = self.node.membership.alive()
         return sorted((m for m in alive if m.profile.matmul_gflops > 0), key=lambda m: m.name)
 
-    def serving(self, model_dir: Path, max_context: int = 2048) -> ServingCluster:
+    def serving(
+        self, model_dir: Path, max_context: int = 2048, weights: str | None = "fp32"
+    ) -> ServingCluster:
+        """Serves `model_dir` with `weights` (fp32 by default: the parity oracle's
+        precision; None: what the checkpoint holds, as `serve` chooses)."""
         config = CoordinatorConfig(
             token=TOKEN,
             grpc_port=0,
@@ -84,6 +91,7 @@ class ParityCluster:
             mdns=False,
             cache_dir=self.root / "cache",
             max_context=max_context,
+            weights=weights,
         )
         return ServingCluster(
             config, self.node.membership, model_dir, model_dir.name, supervise=False

@@ -315,3 +315,63 @@ def test_describe_has_a_row_per_agent() -> None:
     lines = text.splitlines()
     assert len(lines) == 6 and lines[0].split()[:2] == ["rank", "agent"]
     assert "dev3" in lines[4] and "+bias" in lines[1]
+
+
+@pytest.mark.parametrize("count", [2, 3, 5, 7])
+def test_int4_mlp_columns_are_whole_groups(count: int) -> None:
+    """Every agent's down_proj columns are whole int4 groups of 32 (1536 = 48 x 32), so
+    its matrices use the kernel's group; other modes split by single columns."""
+    shares = [float(3 + (i * 5) % 7) for i in range(count)]
+    agents = [agent(i) for i in range(count)]
+    plan = plan_tensor_parallel(agents, SMOLLM2, weights=shares, weights_mode="int4")
+    bounds = [(p.spec.mlp_col_start, p.spec.mlp_col_end) for p in plan.placements]
+    assert all(start % 32 == 0 and end % 32 == 0 for start, end in bounds), bounds
+    assert bounds[-1][1] == SMOLLM2.intermediate_size
+    dense = plan_tensor_parallel(agents, SMOLLM2, weights=shares, weights_mode="int8")
+    assert any(p.spec.mlp_col_end % 32 for p in dense.placements[:-1])
+
+
+def test_int4_group_follows_a_model_whose_columns_are_not_multiples_of_32() -> None:
+    odd = dataclasses.replace(SMOLLM2, intermediate_size=1000)  # 1000 = 50 x 20
+    plan = plan_tensor_parallel(
+        [agent(i) for i in range(3)], odd, weights=[1.0, 2.0, 4.0], weights_mode="int4"
+    )
+    assert all(p.spec.mlp_col_end % 20 == 0 for p in plan.placements)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "int8", "int4"])
+def test_planned_bytes_are_the_stored_bytes(mode: str) -> None:
+    """The planner's block sizes equal what slicing stores, per mode; quantized shards
+    take their packed size (int8 ~1/4, int4 ~3/16 of fp32 with its scales)."""
+    import torch
+
+    from edgecluster.weights.slicing import block_bytes
+
+    dense = {"bf16": torch.bfloat16}.get(mode, torch.float32)
+    plan = plan_tensor_parallel(
+        [agent(i) for i in range(3)],
+        QWEN_BIASED,
+        weights=[1.0, 2.0, 3.0],
+        weights_mode=mode,
+        storage_bytes_per_element=dense.itemsize,
+    )
+    for p in plan.placements:
+        attn, mlp = shard_block_bytes(QWEN_BIASED, p.spec, dense.itemsize, mode)
+        assert attn == block_bytes(QWEN_BIASED, p.spec, "attn", dense, mode)
+        assert mlp == block_bytes(QWEN_BIASED, p.spec, "mlp", dense, mode)
+        assert p.weight_bytes == QWEN_BIASED.num_layers * (attn + mlp)
+    fp32 = shard_weight_bytes(QWEN_BIASED, plan.placements[0].spec, 4)
+    ratio = plan.placements[0].weight_bytes / fp32
+    want = {"fp32": (1.0, 1.0), "bf16": (0.5, 0.5), "int8": (0.25, 0.27), "int4": (0.18, 0.2)}
+    assert want[mode][0] <= ratio <= want[mode][1], ratio
+
+
+def test_quantized_weights_fit_where_fp32_streams() -> None:
+    """An agent whose memory holds the int8 shard but not the fp32 one stays resident."""
+    fp32_bytes = full_model_layer_bytes(SMOLLM2, 4)
+    memory = RUNTIME + ACTIVATION_SLACK_BYTES + fp32_bytes // 2 + 200 * MiB
+    agents = [agent(0, memory=memory)]
+    assert plan_tensor_parallel(agents, SMOLLM2, kv_budget_tokens=256).streaming
+    quantized = plan_tensor_parallel(agents, SMOLLM2, kv_budget_tokens=256, weights_mode="int8")
+    assert not quantized.streaming
+    assert "stored as int8" in quantized.describe()

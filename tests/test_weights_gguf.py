@@ -81,3 +81,31 @@ def test_converted_model_knows_the_capital_of_france(cache_dir: Path) -> None:
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
+
+
+def test_int4_shards_hold_the_gguf_q4_1_values_exactly(cache_dir: Path) -> None:
+    """`--weights int4` on the default model: an agent's int4 blocks hold exactly the
+    values of the GGUF file's Q4_1 blocks. A Q4_1 block is 32 values w = d q + m with q
+    spanning 0..15, our int4 group of 32 columns, so re-packing the converted values
+    loses nothing (the agent's columns start on a group boundary, as planned)."""
+    import json
+
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from edgecluster.weights.quant import dequantize_matrix
+
+    path = resolve_model(DEFAULT_MODEL)
+    source = json.loads((path / gguf_convert.SOURCE_FILE).read_text())
+    tensor = next(
+        t for t in GGUFReader(source["gguf"]).tensors if t.name == "blk.3.ffn_down.weight"
+    )
+    assert tensor.tensor_type.name == "Q4_1"
+    want = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type)).float()  # [576, 1536]
+    ckpt = Checkpoint(path)
+    spec = ShardSpec(q_head_start=0, q_head_end=3, kv_head_start=0, kv_head_end=1,
+                     mlp_col_start=512, mlp_col_end=1024)  # fmt: skip
+    block = slice_block(ckpt, ckpt.model_config, spec, 3, MLP, torch.float32, weights="int4")
+    assert block["down_weight.int4"].shape == (576, 256)  # two columns a byte
+    got = dequantize_matrix(block, "down_weight")
+    assert float((got - want[:, 512:1024]).abs().max()) <= 1e-6 * float(want.abs().max())

@@ -174,3 +174,19 @@ def test_empty_share_block_round_trips(tmp_path: Path) -> None:
 def test_bad_storage_dtype_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a torch dtype"):
         ShardStore(tmp_path).write_meta(KEY, CONFIG.to_json(), SPEC, "load")
+
+
+def test_a_shard_recorded_for_another_weights_mode_is_refetched(
+    filled: tuple[ShardStore, dict],
+) -> None:
+    """The weights mode is part of what a shard is: recording int8 over a bf16 shard
+    forgets its blocks; an old manifest without a mode reads as its dense dtype's."""
+    store, _ = filled
+    meta = store.read_meta(KEY)
+    assert meta is not None and meta.weights == "bf16" and not meta.quantized
+    store.write_meta(KEY, CONFIG.to_json(), SPEC, torch.float32, "int8")
+    assert store.missing_blocks(KEY, BLOCKS) == BLOCKS
+    meta = store.read_meta(KEY)
+    assert meta is not None and (meta.weights, meta.storage_dtype) == ("int8", torch.float32)
+    with pytest.raises(ValueError, match="choose one of"):
+        store.write_meta(KEY, CONFIG.to_json(), SPEC, torch.float32, "int3")

@@ -51,6 +51,13 @@ TWO_WAY = [
               mlp_col_start=31, mlp_col_end=96, holds_output_bias=True),
 ]  # fmt: skip
 
+INT4_WAY = [  # the planner gives int4 MLP columns in whole groups of 32
+    ShardSpec(q_head_start=0, q_head_end=2, kv_head_start=0, kv_head_end=1,
+              mlp_col_start=0, mlp_col_end=32),
+    ShardSpec(q_head_start=2, q_head_end=4, kv_head_start=1, kv_head_end=2,
+              mlp_col_start=32, mlp_col_end=96, holds_output_bias=True),
+]  # fmt: skip
+
 
 def _save(model: PreTrainedModel, path: Path, **kwargs: Any) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
@@ -260,3 +267,39 @@ def test_tensor_digest_covers_name_dtype_shape_and_bytes() -> None:
     bumped[2, 3] += 1
     assert base != tensor_digest({"a": bumped, "b": t[0]})
     assert tensor_digest({"a": t.t()}) == tensor_digest({"a": t.t().contiguous()})
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "int8", "int4"])
+def test_blocks_are_stored_in_the_weights_mode(llama_bias: tuple[Path, dict], mode: str) -> None:
+    """Matrices in the mode, norms and biases in the dense dtype; the stored bytes are
+    what stored_block_shapes / block_bytes say, and the matrices dequantize to the slice."""
+    from edgecluster.weights.quant import dequantize_matrix, stored_mode
+    from edgecluster.weights.slicing import MATRICES, stored_block_shapes
+
+    ckpt = Checkpoint(llama_bias[0])
+    cfg = ckpt.model_config
+    bound = {"fp32": 0.0, "bf16": 0.01, "int8": 0.02, "int4": 0.15}[mode]
+    specs = [*THREE_WAY, *TWO_WAY] if mode != "int4" else INT4_WAY  # whole int4 groups
+    for spec in specs:
+        for kind in (ATTN, MLP):
+            block = slice_block(ckpt, cfg, spec, 1, kind, torch.float32, weights=mode)
+            dense = slice_block(ckpt, cfg, spec, 1, kind, torch.float32)
+            shapes = stored_block_shapes(cfg, spec, kind, torch.float32, mode)
+            assert {n: (tuple(t.shape), t.dtype) for n, t in block.items()} == shapes
+            nbytes = sum(t.numel() * t.element_size() for t in block.values())
+            assert nbytes == block_bytes(cfg, spec, kind, torch.float32, mode)
+            for name, want in dense.items():
+                if name not in MATRICES:
+                    assert torch.equal(block[name], want)
+                    continue
+                assert stored_mode(block, name) == mode
+                got = dequantize_matrix(block, name)
+                if want.numel():
+                    error = float((got - want).norm() / want.norm())
+                    assert error <= bound, f"{mode} {name}: {error:.3f} relative error"
+
+
+def test_int4_refuses_an_odd_column_share(llama: tuple[Path, dict]) -> None:
+    ckpt = Checkpoint(llama[0])
+    with pytest.raises(ValueError, match="even number of input columns, got 47"):
+        slice_block(ckpt, ckpt.model_config, THREE_WAY[1], 0, MLP, torch.float32, weights="int4")

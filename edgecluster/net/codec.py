@@ -33,6 +33,7 @@ DTYPES: dict[str, torch.dtype] = {
     "int64": torch.int64,
     "int32": torch.int32,
     "uint8": torch.uint8,
+    "int8": torch.int8,  # int8 weight matrices (weights.quant) in shard transfers
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # A raw header names its dtype by index here: append new dtypes, never reorder.

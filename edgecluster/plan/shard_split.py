@@ -10,7 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edgecluster.model_config import ModelConfig
-from edgecluster.plan.blocks import attention_block_elements, kv_cache_bytes, shard_block_bytes
+from edgecluster.plan.blocks import (
+    attention_block_bytes,
+    kv_cache_bytes,
+    mlp_block_bytes,
+    mlp_column_unit,
+    shard_block_bytes,
+)
 from edgecluster.plan.split import split_units
 from edgecluster.types import ShardSpec
 
@@ -22,6 +28,7 @@ class ShardSizing:
     compute_bpe: int
     kv_tokens: int  # KV positions reserved per agent (the KV budget)
     kv_bpe: int = 0  # bytes per KV element; 0: compute_bpe
+    weights_mode: str | None = None  # how matrices are stored (weights.quant); None: dense
 
     def __post_init__(self) -> None:
         if self.storage_bpe < 1 or self.compute_bpe < 1:
@@ -45,14 +52,32 @@ class ShardSizing:
 
     def attention(self, num_q_heads: int, num_kv_heads: int) -> int:
         """Bytes of these heads' attention blocks, every layer, counting the output bias."""
-        elements = attention_block_elements(
-            self.cfg, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, holds_output_bias=True
+        layer = attention_block_bytes(
+            self.cfg,
+            num_q_heads=num_q_heads,
+            num_kv_heads=num_kv_heads,
+            holds_output_bias=True,
+            bytes_per_element=self.storage_bpe,
+            weights_mode=self.weights_mode,
         )
-        return self.cfg.num_layers * elements * self.storage_bpe
+        return self.cfg.num_layers * layer
+
+    def mlp(self, num_cols: int) -> int:
+        """Bytes of an MLP share of `num_cols` columns, every layer, counting the output
+        bias, the norm and (quantized) the scales an empty share would still store."""
+        layer = mlp_block_bytes(
+            self.cfg,
+            num_cols=num_cols,
+            holds_output_bias=True,
+            bytes_per_element=self.storage_bpe,
+            weights_mode=self.weights_mode,
+            stored_when_empty=True,
+        )
+        return self.cfg.num_layers * layer
 
     def need(self, spec: ShardSpec) -> int:
         """Weights and KV cache of `spec`."""
-        layer = sum(shard_block_bytes(self.cfg, spec, self.storage_bpe))
+        layer = sum(shard_block_bytes(self.cfg, spec, self.storage_bpe, self.weights_mode))
         return self.cfg.num_layers * layer + self.kv(spec.num_kv_heads)
 
 
@@ -97,9 +122,8 @@ def mlp_caps(
 ) -> list[int]:
     """Most MLP columns each agent can hold beside its attention blocks and KV cache."""
     cfg = sizing.cfg
-    bias = 2 if cfg.mlp_bias else 0
-    per_col = cfg.num_layers * (3 * cfg.hidden_size + bias) * sizing.storage_bpe
-    fixed = cfg.num_layers * (1 + (1 if cfg.mlp_bias else 0)) * cfg.hidden_size * sizing.storage_bpe
+    fixed = sizing.mlp(0)
+    per_col = -(-(sizing.mlp(cfg.intermediate_size) - fixed) // cfg.intermediate_size)
     caps = []
     for room, (q_start, q_end) in zip(rooms, heads, strict=True):
         kv_start, kv_end = kv_range(cfg, q_start, q_end)
@@ -107,6 +131,16 @@ def mlp_caps(
         left = room - sizing.attention(q_end - q_start, num_kv) - sizing.kv(num_kv) - fixed
         caps.append(max(0, min(cfg.intermediate_size, left // per_col)))
     return caps
+
+
+def split_mlp_columns(
+    sizing: ShardSizing, shares: Sequence[float], caps: Sequence[int]
+) -> list[int]:
+    """Each agent's count of MLP columns, in multiples of `mlp_column_unit` (int4: whole
+    quantization groups), in proportion to `shares` under `caps`."""
+    unit = mlp_column_unit(sizing.cfg, sizing.weights_mode)
+    units = split_units(sizing.cfg.intermediate_size // unit, shares, [c // unit for c in caps])
+    return [count * unit for count in units]
 
 
 def build_specs(

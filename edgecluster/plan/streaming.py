@@ -111,9 +111,9 @@ def window_too_small_message(agent: str, room_bytes: int, largest_block_bytes: i
 
 MEMORY_KNOBS = (
     "raise the agent's --memory-limit; add agents so each shard shrinks; store weights in "
-    "bf16 (serve --storage-dtype bfloat16); keep the KV cache in bf16 (serve --kv-dtype "
-    "bfloat16); reserve fewer KV tokens (serve --kv-budget) or shorten the context "
-    "(serve --max-context)"
+    "fewer bytes (serve --weights int8, or int4 at half that); keep the KV cache in bf16 "
+    "(serve --kv-dtype bfloat16); reserve fewer KV tokens (serve --kv-budget) or shorten "
+    "the context (serve --max-context)"
 )
 
 

@@ -7,8 +7,13 @@ group (its query heads); with more, the unit is a query head, and an agent compu
 K and V for every group its query heads touch (those k, v rows are replicated on each
 such agent, as vLLM does when tp > kv heads). Each agent's q heads are one contiguous
 range and its kv range is the groups they touch. The MLP splits by intermediate
-columns, one contiguous range each. Ranges follow the order the agents are given; an
+columns, one contiguous range each (for int4 weights in whole quantization groups, 32
+columns where the model allows). Ranges follow the order the agents are given; an
 agent may get nothing (start == end). Shares are matmul_gflops, or `weights`.
+
+Sizes are as stored: `weights_mode` (weights.quant) says how the matrices are stored
+(int8 and int4 blocks take their packed bytes in memory too, no expansion), norms and
+biases take `storage_bytes_per_element`.
 
 Memory: an agent's room for weights is its budget less its runtime, its KV cache and
 an activation slack. The KV cache is reserved for `kv_budget_tokens` positions (the
@@ -31,8 +36,14 @@ from typing import Any
 from edgecluster.errors import PlanError
 from edgecluster.model_config import ModelConfig
 from edgecluster.plan.blocks import full_model_layer_bytes, shard_block_bytes
-from edgecluster.plan.shard_split import ShardSizing, build_specs, mlp_caps, split_attention
-from edgecluster.plan.split import split_units, water_fill
+from edgecluster.plan.shard_split import (
+    ShardSizing,
+    build_specs,
+    mlp_caps,
+    split_attention,
+    split_mlp_columns,
+)
+from edgecluster.plan.split import water_fill
 from edgecluster.plan.streaming import MEMORY_KNOBS, choose_window
 from edgecluster.types import DeviceProfile, ShardSpec
 from edgecluster.units import format_bytes
@@ -40,6 +51,8 @@ from edgecluster.units import format_bytes
 log = logging.getLogger(__name__)
 
 ACTIVATION_SLACK_BYTES = 64 * 1024**2  # activations and buffers of a step, per agent
+# Stored bytes per matrix element, to count a block's multiply-adds from its bytes.
+ELEMENT_BYTES: dict[str, float] = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,6 +141,7 @@ class TensorParallelPlan:
     placements: tuple[AgentPlacement, ...]
     storage_bytes_per_element: int
     kv_budget_tokens: int = 2048  # KV positions reserved on every agent, over all sequences
+    weights_mode: str | None = None  # how the matrices are stored; None: dense
 
     def __post_init__(self) -> None:
         if not self.placements:
@@ -170,9 +184,13 @@ class TensorParallelPlan:
             f"{'weights':>10}  memory"
         )
         rows = [header, *(_describe_row(p) for p in self.placements)]
+        stored = (
+            f"stored as {self.weights_mode}"
+            if self.weights_mode
+            else f"at {self.storage_bytes_per_element} bytes per element"
+        )
         rows.append(
-            f"total weights {format_bytes(self.total_weight_bytes)} at "
-            f"{self.storage_bytes_per_element} bytes per element; KV budget "
+            f"total weights {format_bytes(self.total_weight_bytes)} {stored}; KV budget "
             f"{self.kv_budget_tokens} tokens"
         )
         return "\n".join(rows)
@@ -189,6 +207,7 @@ def plan_tensor_parallel(
     weights: Sequence[float] | None = None,
     allow_streaming: bool = True,
     activation_slack_bytes: int = ACTIVATION_SLACK_BYTES,
+    weights_mode: str | None = None,
 ) -> TensorParallelPlan:
     """Split `cfg`'s layers over `agents` (ranks 1..N in the order given).
 
@@ -202,13 +221,15 @@ def plan_tensor_parallel(
         compute_bytes_per_element,
         kv_budget_tokens,
         kv_bytes_per_element or compute_bytes_per_element,
+        weights_mode,
     )
     # room for weights and KV cache, per agent
     rooms = [a.memory_budget_bytes - a.runtime_bytes - activation_slack_bytes for a in agents]
-    full_need = full_model_layer_bytes(cfg, storage_bytes_per_element) + sizing.kv(cfg.num_kv_heads)
+    full_need = full_model_layer_bytes(cfg, storage_bytes_per_element, weights_mode)
+    full_need += sizing.kv(cfg.num_kv_heads)
     fractions = water_fill(1.0, shares, [max(0, room) / full_need for room in rooms])
     heads = split_attention(sizing, fractions, rooms)
-    cols = split_units(cfg.intermediate_size, shares, mlp_caps(sizing, rooms, heads))
+    cols = split_mlp_columns(sizing, shares, mlp_caps(sizing, rooms, heads))
     specs = build_specs(cfg, heads, cols)
     if not allow_streaming:
         _require_fit(sizing, agents, specs, rooms)
@@ -220,6 +241,7 @@ def plan_tensor_parallel(
         placements=placements,
         storage_bytes_per_element=storage_bytes_per_element,
         kv_budget_tokens=kv_budget_tokens,
+        weights_mode=weights_mode,
     )
 
 
@@ -290,7 +312,7 @@ def _require_fit(
 def _place(
     sizing: ShardSizing, agent: AgentCapacity, rank: int, spec: ShardSpec, base_room: int
 ) -> AgentPlacement:
-    attn, mlp = shard_block_bytes(sizing.cfg, spec, sizing.storage_bpe)
+    attn, mlp = shard_block_bytes(sizing.cfg, spec, sizing.storage_bpe, sizing.weights_mode)
     weight_bytes = sizing.cfg.num_layers * (attn + mlp)
     room = base_room - sizing.kv(spec.num_kv_heads)
     fits = weight_bytes == 0 or weight_bytes <= room
@@ -313,7 +335,8 @@ def _window(
     """Window and stall estimate of a streaming agent (its compute from matmul_gflops;
     the allreduce is not known here, so the stall is an upper estimate)."""
     blocks = [size for _ in range(sizing.cfg.num_layers) for size in (attn, mlp) if size > 0]
-    mean_elements = sum(blocks) / len(blocks) / sizing.storage_bpe
+    element_bytes = ELEMENT_BYTES.get(sizing.weights_mode or "", sizing.storage_bpe)
+    mean_elements = sum(blocks) / len(blocks) / element_bytes
     flops = agent.matmul_gflops * 1e9
     choice = choose_window(
         block_bytes=blocks,

@@ -59,6 +59,7 @@ class AgentService(pb_grpc.AgentServicer):
                 request.model_config_json,
                 spec,
                 request.storage_dtype,
+                request.weights,
             )
             missing = self._store.missing_blocks(request.shard_key, list(request.blocks))
         except ValueError as exc:

@@ -178,7 +178,7 @@ class AgentSessions:
         window = choose_agent_window(
             self._memory,
             sizes,
-            expand=dtype.itemsize / meta.storage_dtype.itemsize,
+            expand=_expansion(meta.weights, dtype),
             fixed_bytes=_rss_bytes() + per_token * req.kv_tokens,
             plan_hint=req.window_blocks,
             agent=self._node_name,
@@ -280,6 +280,14 @@ class AgentSessions:
 
 
 ACTIVATION_SLACK_BYTES = 64 << 20
+_STORED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _expansion(weights: str, compute: torch.dtype) -> float:
+    """Bytes in memory per stored byte once a block is prepared: int8 and int4 blocks
+    stay packed (1), dense ones are converted to the compute dtype (bf16 -> fp32: 2)."""
+    stored = _STORED_DTYPES.get(weights)
+    return compute.itemsize / stored.itemsize if stored is not None else 1.0
 
 
 def choose_agent_window(

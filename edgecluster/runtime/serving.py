@@ -60,6 +60,7 @@ from edgecluster.types import MemberInfo
 from edgecluster.weights.checkpoint import Checkpoint
 from edgecluster.weights.models import model_fingerprint
 from edgecluster.weights.slicing import hub_tensors
+from edgecluster.weights.weight_mode import choose_weights
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +94,22 @@ class ServingCluster:
         self.checkpoint = Checkpoint(model_dir)
         self.cfg = self.checkpoint.model_config
         self.tokenizer = ChatTokenizer(model_dir)
-        self._dtype = getattr(torch, config.dtype)
-        self._storage_dtype = config.storage_dtype or config.dtype
-        self._kv_dtype = config.kv_dtype or config.dtype
+        self.weights = choose_weights(
+            model_dir,
+            weights=config.weights,
+            dtype=config.dtype,
+            storage_dtype=config.storage_dtype,
+        )
+        log.info("serving %s: %s", name, self.weights.describe())
+        self._dtype = getattr(torch, self.weights.compute_dtype)
+        self._storage_dtype = self.weights.storage_dtype
+        self._kv_dtype = config.kv_dtype or self.weights.compute_dtype
         self.hub = HubModel(
             self.cfg,
             _owned(hub_tensors(self.checkpoint, self.cfg, self._dtype)),
             self._dtype,
             max_context=self.context_length,
+            weights=self.weights.mode,
         )
         self.checkpoint.close()  # the hub's tensors are copies: let the file mapping go
         check_hub_memory(config.memory_limit_bytes, self.hub.weight_bytes)
@@ -205,8 +214,10 @@ class ServingCluster:
         return {
             "model": self._name,
             "state": self.state(),
-            "dtype": self.config.dtype,
+            "dtype": self.weights.compute_dtype,
             "storage_dtype": self._storage_dtype,
+            "weights": self.weights.mode,
+            "weights_reason": self.weights.reason,
             "hub": {
                 "weight_bytes": self.hub.weight_bytes,
                 "bytes_per_token": self.hub.bytes_per_token,
@@ -337,6 +348,7 @@ class ServingCluster:
             compute_bytes_per_element=self._dtype.itemsize,
             kv_bytes_per_element=getattr(torch, self._kv_dtype).itemsize,
             weights=weights,
+            weights_mode=self.weights.mode,
         )
         log.info("plan:\n%s", plan.describe())
         return plan
@@ -347,14 +359,15 @@ class ServingCluster:
         used = {p.node_id: members[p.node_id] for p in plan.placements}
         stubs = {nid: self._stub(m) for nid, m in used.items()}
         keys = {
-            p.node_id: shard_key(self._model_id, p, self._storage_dtype) for p in plan.placements
+            p.node_id: shard_key(self._model_id, p, self._storage_dtype, self.weights.mode)
+            for p in plan.placements
         }
         self._state = "distributing shards"
         total = sum(p.weight_bytes for p in plan.placements)
         with tqdm(total=total, unit="B", unit_scale=True, desc="distributing shards") as bar:
             sent = distribute(
                 stubs, self.checkpoint, self.cfg, plan.placements, keys,
-                self._storage_dtype, bar.update,
+                self._storage_dtype, bar.update, self.weights.mode,
             )  # fmt: skip
         self._state = "loading"
         comm = self._connect(plan, used, stubs, keys)
@@ -385,7 +398,7 @@ class ServingCluster:
                 endpoints=[hub, *agent_endpoints],
                 algorithm=serving_algorithm(),
                 shard_key=keys[placement.node_id],
-                compute_dtype=self.config.dtype,
+                compute_dtype=self.weights.compute_dtype,
                 window_blocks=placement.window_blocks,
                 max_context=self.context_length,
                 link_delay_ms=self.config.link_delay_ms,

@@ -3,7 +3,8 @@
 The coordinator never loads the whole checkpoint: blocks are sliced one at a time
 from the memory-mapped safetensors files. An agent first says which blocks of its
 shard it lacks (absent or failing their hash); only those travel, in 1 MiB chunks,
-each block closed by the digest of its tensors. Every block is its own PutShard call
+each block closed by the digest of its tensors. Blocks travel in their stored form
+(`weights` mode: int8 / int4 matrices stay packed on the wire). Every block is its own PutShard call
 with a deadline scaled to its bytes, so a hung agent is found within seconds; agents
 are served in parallel and every failure is reported (AgentCallsFailed).
 """
@@ -37,13 +38,16 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int], None]  # bytes sent
 
 
-def shard_key(model_id: str, placement: AgentPlacement, storage_dtype: str) -> str:
+def shard_key(model_id: str, placement: AgentPlacement, storage_dtype: str, weights: str) -> str:
+    """The shard's identity: model, share, dense dtype and weights mode (a shard sliced
+    for one mode is never served as another)."""
     spec = placement.spec
     text = "|".join(
         str(v)
         for v in (
             model_id,
             storage_dtype,
+            weights,
             spec.q_head_start,
             spec.q_head_end,
             spec.kv_head_start,
@@ -67,10 +71,11 @@ def _block_chunks(
     key: str,
     name: str,
     dtype: torch.dtype,
+    weights: str | None,
 ) -> list[pb.ShardChunk]:
     """One block's chunks, closed by its digest (one block in memory at a time)."""
     layer, kind = int(name.split(".")[1]), name.split(".")[2]
-    tensors = slice_block(ckpt, cfg, placement.spec, layer, kind, dtype)
+    tensors = slice_block(ckpt, cfg, placement.spec, layer, kind, dtype, weights=weights)
     ckpt.close()  # unmap: the coordinator holds one block at a time, not the checkpoint
     chunks = [
         pb.ShardChunk(shard_key=key, block=name, chunk=chunk)
@@ -93,8 +98,10 @@ def send_shard(
     key: str,
     storage_dtype: str,
     progress: Progress,
+    weights: str = "",
 ) -> int:
     """Makes sure the agent holds its shard; returns the bytes sent (0: cache reused).
+    Its matrices are stored in `weights` (empty: dense in `storage_dtype`).
 
     Raises AgentCallError naming the agent and the call that failed or missed its deadline.
     """
@@ -105,6 +112,7 @@ def send_shard(
         spec=spec_to_pb(placement.spec),
         blocks=blocks,
         storage_dtype=storage_dtype,
+        weights=weights,
     )
     try:
         reply = stub.PrepareShard(request, timeout=prepare_deadline_s(placement.weight_bytes))
@@ -117,7 +125,7 @@ def send_shard(
     dtype = getattr(torch, storage_dtype)
     sent = 0
     for name in missing:
-        chunks = _block_chunks(ckpt, cfg, placement, key, name, dtype)
+        chunks = _block_chunks(ckpt, cfg, placement, key, name, dtype, weights or None)
         nbytes = sum(len(c.chunk.data) for c in chunks)
         try:
             reply_put = stub.PutShard(iter(chunks), timeout=put_deadline_s(nbytes))
@@ -138,6 +146,7 @@ def distribute(
     keys: dict[str, str],
     storage_dtype: str,
     progress: Progress,
+    weights: str = "",
 ) -> dict[str, int]:
     """Sends every agent its shard in parallel; returns bytes sent per node id.
 
@@ -146,7 +155,7 @@ def distribute(
     calls = {
         p.node_id: (
             lambda p=p: send_shard(
-                stubs[p.node_id], ckpt, cfg, p, keys[p.node_id], storage_dtype, progress
+                stubs[p.node_id], ckpt, cfg, p, keys[p.node_id], storage_dtype, progress, weights
             )
         )
         for p in placements

@@ -45,6 +45,8 @@ def int4_group(in_features: int) -> int:
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [out, in] -> (q int8 [out, in], scale float32 [out]); w ~= q * scale."""
     w = w.float()
+    if not w.shape[1]:  # an agent with no columns of this matrix
+        return torch.zeros(w.shape, dtype=torch.int8), torch.ones(w.shape[0])
     scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
     return q.contiguous(), scale.contiguous()

@@ -4,8 +4,13 @@ Layout under the store's root:
 
     shards/<shard_key>/<block>.safetensors   one file per block, e.g. layers.007.mlp
     shards/<shard_key>/manifest.json         {"format", "model_config", "spec",
-                                              "storage_dtype", "blocks": {block:
-                                              {"sha256", "bytes", "tensor_digest"}}}
+                                              "storage_dtype", "weights", "blocks":
+                                              {block: {"sha256", "bytes",
+                                              "tensor_digest"}}}
+
+`weights` is how the block's matrices are stored (`weights.quant`: fp32, bf16, int8,
+int4), `storage_dtype` the dtype of everything else (norms, biases). Both are part of
+the shard's identity: a shard recorded for one mode never serves another.
 
 A block counts as present only when the manifest lists it and the file on disk has
 the listed size and sha256, so a corrupted, truncated or half-written cache is found
@@ -43,6 +48,7 @@ from safetensors.torch import save_file
 
 from edgecluster.model_config import ModelConfig
 from edgecluster.types import ShardSpec
+from edgecluster.weights.quant import QUANTIZED_MODES, check_mode
 from edgecluster.weights.safetensors_file import read_block_raw
 from edgecluster.weights.slicing import tensor_digest
 
@@ -59,11 +65,17 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 @dataclass(frozen=True, kw_only=True)
 class ShardMeta:
-    """What a shard holds: the model, this agent's share, and the dtype on disk."""
+    """What a shard holds: the model, this agent's share, the dtype of its norms and
+    biases on disk and the form of its matrices (`weights.quant` mode)."""
 
     model_config: ModelConfig
     spec: ShardSpec
     storage_dtype: torch.dtype
+    weights: str = "fp32"
+
+    @property
+    def quantized(self) -> bool:
+        return self.weights in QUANTIZED_MODES
 
 
 class ShardStore:
@@ -86,12 +98,16 @@ class ShardStore:
         model_config_json: str,
         spec: ShardSpec | dict[str, Any],
         storage_dtype: torch.dtype | str,
+        weights: str = "",
     ) -> None:
-        """Record what the shard holds; a change of any of it forgets the stored blocks."""
+        """Record what the shard holds; a change of any of it forgets the stored blocks.
+        `weights` empty: the matrices are dense in `storage_dtype` (fp32 or bf16)."""
+        dtype_name = _dtype_name(storage_dtype)
         meta = {
             "model_config": json.loads(model_config_json),
             "spec": asdict(spec) if isinstance(spec, ShardSpec) else dict(spec),
-            "storage_dtype": _dtype_name(storage_dtype),
+            "storage_dtype": dtype_name,
+            "weights": check_mode(weights) if weights else _dense_mode(dtype_name),
         }
         with self._lock:
             manifest = self._read_manifest(shard_key)
@@ -112,6 +128,7 @@ class ShardStore:
             model_config=ModelConfig.from_json(json.dumps(manifest["model_config"])),
             spec=ShardSpec(**manifest["spec"]),
             storage_dtype=_dtype(manifest["storage_dtype"]),
+            weights=manifest.get("weights") or _dense_mode(manifest["storage_dtype"]),
         )
 
     def missing_blocks(self, shard_key: str, blocks: list[str]) -> list[str]:
@@ -292,6 +309,11 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
     name = str(dtype).removeprefix("torch.")
     _dtype(name)
     return name
+
+
+def _dense_mode(dtype_name: str) -> str:
+    """The weights mode of a shard whose matrices are stored in `dtype_name`."""
+    return "bf16" if dtype_name == "bfloat16" else "fp32"
 
 
 def _dtype(name: str) -> torch.dtype:

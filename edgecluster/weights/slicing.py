@@ -20,6 +20,11 @@ tensors with the right trailing dims. Reads are lazy (`Checkpoint.rows/cols`), s
 slicing touches only this agent's bytes. `block_shapes`/`block_bytes` give the same
 layout without reading anything (planners size plans with them), and
 `tensor_digest` is the checksum a block carries across the network.
+
+With `weights=MODE` (`weights.quant`) the four matrices (the `*_weight` tensors
+above) are stored in that mode after slicing (an agent's columns are quantized on
+their own, so an int4 group never straddles two agents); norms and biases stay in
+the block's dense dtype. `stored_block_shapes` gives what such a block stores.
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ import torch
 
 from edgecluster.model_config import ATTN, MLP, ModelConfig
 from edgecluster.types import ShardSpec
+from edgecluster.weights import quant
 from edgecluster.weights.checkpoint import EMBED, LM_HEAD, Checkpoint
 
 Shape = tuple[int, ...]
+MATRICES = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")  # stored per mode
 
 
 def block_shapes(cfg: ModelConfig, spec: ShardSpec, kind: str) -> dict[str, Shape]:
@@ -62,22 +69,53 @@ def block_shapes(cfg: ModelConfig, spec: ShardSpec, kind: str) -> dict[str, Shap
     raise ValueError(f"block kind {kind!r} is not one of {ATTN!r}, {MLP!r}")
 
 
-def block_bytes(cfg: ModelConfig, spec: ShardSpec, kind: str, dtype: torch.dtype) -> int:
-    """Bytes of tensor data in one block stored as `dtype` (file headers not counted)."""
-    numel = sum(math.prod(shape) for shape in block_shapes(cfg, spec, kind).values())
-    return numel * dtype.itemsize
+def stored_block_shapes(
+    cfg: ModelConfig, spec: ShardSpec, kind: str, dtype: torch.dtype, weights: str | None = None
+) -> dict[str, tuple[Shape, torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor one block stores: the matrices in
+    `weights` (None: in `dtype` like the rest), norms and biases in `dtype`."""
+    stored: dict[str, tuple[Shape, torch.dtype]] = {}
+    for name, shape in block_shapes(cfg, spec, kind).items():
+        if weights is not None and name in MATRICES:
+            out, cols = shape
+            stored.update(quant.matrix_shapes(name, out, cols, quant.check_mode(weights)))
+        else:
+            stored[name] = (shape, dtype)
+    return stored
+
+
+def block_bytes(
+    cfg: ModelConfig, spec: ShardSpec, kind: str, dtype: torch.dtype, weights: str | None = None
+) -> int:
+    """Bytes of tensor data in one block as stored (file headers not counted)."""
+    stored = stored_block_shapes(cfg, spec, kind, dtype, weights)
+    return sum(math.prod(shape) * t.itemsize for shape, t in stored.values())
 
 
 def slice_block(
-    ckpt: Checkpoint, cfg: ModelConfig, spec: ShardSpec, layer: int, kind: str, dtype: torch.dtype
+    ckpt: Checkpoint,
+    cfg: ModelConfig,
+    spec: ShardSpec,
+    layer: int,
+    kind: str,
+    dtype: torch.dtype,
+    *,
+    weights: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """This share's tensors of one block, contiguous, in `dtype`."""
+    """This share's tensors of one block, contiguous: matrices in `weights` (None: in
+    `dtype`), everything else in `dtype`."""
     if not 0 <= layer < cfg.num_layers:
         raise ValueError(f"layer {layer} is outside the model's {cfg.num_layers} layers")
-    shapes = block_shapes(cfg, spec, kind)
+    expected = stored_block_shapes(cfg, spec, kind, dtype, weights)
     raw = _attn(ckpt, cfg, spec, layer) if kind == ATTN else _mlp(ckpt, cfg, spec, layer)
-    block = {name: t.to(dtype).contiguous() for name, t in raw.items()}
-    assert {n: tuple(t.shape) for n, t in block.items()} == shapes, (layer, kind, spec)
+    block: dict[str, torch.Tensor] = {}
+    for name, t in raw.items():
+        if weights is not None and name in MATRICES:
+            block.update(quant.quantize_matrix(name, t, weights))
+        else:
+            block[name] = t.to(dtype).contiguous()
+    got = {n: (tuple(t.shape), t.dtype) for n, t in block.items()}
+    assert got == expected, (layer, kind, spec, weights)
     return block
 
 

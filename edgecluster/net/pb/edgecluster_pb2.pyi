@@ -170,18 +170,20 @@ class ShardSpec(_message.Message):
     def __init__(self, q_head_start: _Optional[int] = ..., q_head_end: _Optional[int] = ..., kv_head_start: _Optional[int] = ..., kv_head_end: _Optional[int] = ..., mlp_col_start: _Optional[int] = ..., mlp_col_end: _Optional[int] = ..., holds_output_bias: _Optional[bool] = ...) -> None: ...
 
 class PrepareShardRequest(_message.Message):
-    __slots__ = ("shard_key", "model_config_json", "spec", "blocks", "storage_dtype")
+    __slots__ = ("shard_key", "model_config_json", "spec", "blocks", "storage_dtype", "weights")
     SHARD_KEY_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     STORAGE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     shard_key: str
     model_config_json: str
     spec: ShardSpec
     blocks: _containers.RepeatedScalarFieldContainer[str]
     storage_dtype: str
-    def __init__(self, shard_key: _Optional[str] = ..., model_config_json: _Optional[str] = ..., spec: _Optional[_Union[ShardSpec, _Mapping]] = ..., blocks: _Optional[_Iterable[str]] = ..., storage_dtype: _Optional[str] = ...) -> None: ...
+    weights: str
+    def __init__(self, shard_key: _Optional[str] = ..., model_config_json: _Optional[str] = ..., spec: _Optional[_Union[ShardSpec, _Mapping]] = ..., blocks: _Optional[_Iterable[str]] = ..., storage_dtype: _Optional[str] = ..., weights: _Optional[str] = ...) -> None: ...
 
 class PrepareShardReply(_message.Message):
     __slots__ = ("missing_blocks",)
