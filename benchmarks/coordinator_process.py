@@ -82,6 +82,14 @@ class CoordinatorProcess:
         return "its log ends:\n" + "\n".join(lines)
 
 
+class StreamError(RuntimeError):
+    """An error event in a stream; `code` is its OpenAI-style code."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(f"the stream failed: {error}")
+        self.code = str(error.get("code") or "")
+
+
 def sse_events(resp: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
     """The JSON payloads of a server-sent event stream, as they arrive."""
     while line := resp.readline():
@@ -89,7 +97,7 @@ def sse_events(resp: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
             continue
         event = json.loads(line[len(b"data: ") :])
         if "error" in event:
-            raise RuntimeError(f"the stream failed: {event['error']}")
+            raise StreamError(event["error"])
         yield event
 
 

@@ -2,7 +2,8 @@
 
 `measure_edge` starts `edge-coordinator serve --local N` (`coordinator_process.py`),
 times streamed greedy completions (TTFT: request start to the first token event;
-decode rate: (tokens - 1) / (first token event -> finish event)), and reads, just
+decode rate: (tokens - 1) / (first token event -> finish event); a completion refused
+while the cluster re-plans is retried and the refusal recorded), and reads, just
 before the cluster stops, each agent's weight bytes, peak RSS and threads, and the
 bytes the whole cluster reads per decode step (see `cluster_bytes_per_token`).
 """
@@ -20,6 +21,7 @@ from common import peak_rss_bytes
 from coordinator_process import (
     CoordinatorProcess,
     ServeOptions,
+    StreamError,
     cmdline_flag,
     serve_coordinator,
     sse_events,
@@ -27,6 +29,7 @@ from coordinator_process import (
 from decode_timing import Run, timed_runs
 
 READY_TIMEOUT_S = 300.0
+MAX_RETRIES = 3  # completions refused while the cluster re-plans (an agent seen dead)
 WEIGHTS_BY_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}  # a serve without --weights
 
 
@@ -52,6 +55,27 @@ def stream_completion(server: CoordinatorProcess, prompt: list[int], new_tokens:
     if num_tokens < 2 or not end:
         raise RuntimeError(f"the stream gave {num_tokens} tokens and no finish; cannot time it")
     return Run(ttft_s=first - start, decode_s=end - first, num_tokens=num_tokens)
+
+
+def completion_with_retries(
+    server: CoordinatorProcess,
+    prompt: list[int],
+    new_tokens: int,
+    retries: list[str],
+    say: Callable[[str], None],
+) -> Run:
+    """A completion; one the coordinator refuses while it re-plans (on a loaded machine
+    an agent can miss its heartbeats) is retried once it is ready again, and recorded."""
+    while True:
+        try:
+            return stream_completion(server, prompt, new_tokens)
+        except StreamError as exc:
+            if exc.code != "backend_unavailable" or len(retries) >= MAX_RETRIES:
+                raise
+            retries.append(str(exc))
+            say(f"  retrying: {exc}")
+            time.sleep(1.0)
+            server.wait_ready(READY_TIMEOUT_S)
 
 
 def agents_by_name(view: dict[str, Any]) -> list[dict[str, Any]]:
@@ -101,7 +125,12 @@ def measure_edge(
         server.wait_ready(READY_TIMEOUT_S)
         say(f"edgecluster, {num_agents} agents, {mode}: ready in "
             f"{time.perf_counter() - started:.1f} s; timing")  # fmt: skip
-        runs = timed_runs(lambda: stream_completion(server, prompt, new_tokens), num_runs, say)
+        retries: list[str] = []
+        runs = timed_runs(
+            lambda: completion_with_retries(server, prompt, new_tokens, retries, say),
+            num_runs,
+            say,
+        )
         _, view = server.get_json("/v1/cluster")
         agents = server.agent_processes()
         threads = [int(cmdline_flag(a.cmdline(), "--threads") or 0) for a in agents]
@@ -124,4 +153,5 @@ def measure_edge(
             "agent_bytes_per_token": agent_bytes,
             "hub_bytes_per_token": hub_bytes,
             "notes": notes,
+            "retries": retries,
         }

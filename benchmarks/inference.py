@@ -201,6 +201,7 @@ def run_entry(edge: dict[str, Any], hf: dict[str, Any], bandwidth_gb_s: float) -
         "agent_bytes_per_token": edge["agent_bytes_per_token"],
         "hub_bytes_per_token": edge["hub_bytes_per_token"],
         "dtype": edge["dtype"],
+        "retries": edge["retries"],
     }
 
 
