@@ -264,6 +264,10 @@ def run_benchmark(cfg: BenchConfig, say: Callable[[str], None]) -> dict[str, Any
     result = default_run_keys(cfg, edges[0], hf[edges[0]["dtype"]], model_dir)
     result["bar"] = bars(runs, result["max_agent_weight_fraction"])
     notes = dict.fromkeys(n for e in edges for n in e["notes"])
+    for r in runs:
+        if r["retries"]:
+            notes[f"{r['agents']} agents {r['weights']}: retried {len(r['retries'])} refused "
+                  "completions (the cluster re-planned mid-run)"] = None  # fmt: skip
     result.update(
         prompt_tokens=len(prompt), repetitions=cfg.num_runs, runs=runs,
         memory_bandwidth_gb_per_s=limit, memory_bandwidth=best, notes=list(notes),
