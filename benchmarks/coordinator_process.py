@@ -10,6 +10,7 @@ SIGTERM (PR_SET_PDEATHSIG), and it stops its agents.
 from __future__ import annotations
 
 import ctypes
+import functools
 import http.client
 import json
 import os
@@ -38,6 +39,7 @@ class ServeOptions:
     dtype: str
     token: str
     cache_dir: Path  # EDGE_CACHE_DIR of the coordinator and its agents
+    weights: str | None = None  # `serve --weights MODE`; None: the flag is not passed
 
 
 class CoordinatorProcess:
@@ -80,6 +82,14 @@ class CoordinatorProcess:
         return "its log ends:\n" + "\n".join(lines)
 
 
+class StreamError(RuntimeError):
+    """An error event in a stream; `code` is its OpenAI-style code."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(f"the stream failed: {error}")
+        self.code = str(error.get("code") or "")
+
+
 def sse_events(resp: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
     """The JSON payloads of a server-sent event stream, as they arrive."""
     while line := resp.readline():
@@ -87,7 +97,7 @@ def sse_events(resp: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
             continue
         event = json.loads(line[len(b"data: ") :])
         if "error" in event:
-            raise RuntimeError(f"the stream failed: {event['error']}")
+            raise StreamError(event["error"])
         yield event
 
 
@@ -96,13 +106,24 @@ def cmdline_flag(argv: list[str], flag: str) -> str:
     return argv[argv.index(flag) + 1] if flag in argv[:-1] else ""
 
 
-def serve_argv(opts: ServeOptions, http_port: int, grpc_port: int) -> list[str]:
+def launcher() -> list[str]:
     script = Path(sys.executable).parent / "edge-coordinator"
-    launcher = [str(script)] if script.exists() else [sys.executable, "-m", "coordinator.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "coordinator.cli"]
+
+
+@functools.cache
+def serve_supports_weights() -> bool:
+    """Whether this checkout's `edge-coordinator serve` takes `--weights`."""
+    done = subprocess.run([*launcher(), "serve", "--help"], capture_output=True, check=True)
+    return b"--weights" in done.stdout
+
+
+def serve_argv(opts: ServeOptions, http_port: int, grpc_port: int) -> list[str]:
+    weights = ["--weights", opts.weights] if opts.weights else []
     return [
-        *launcher, "serve", "--model", opts.model, "--local", str(opts.num_agents),
+        *launcher(), "serve", "--model", opts.model, "--local", str(opts.num_agents),
         "--no-mdns", "--host", HOST, "--port", str(http_port), "--grpc-port", str(grpc_port),
-        "--token", opts.token, "--dtype", opts.dtype,
+        "--token", opts.token, "--dtype", opts.dtype, *weights,
     ]  # fmt: skip
 
 

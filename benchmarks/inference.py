@@ -1,32 +1,53 @@
-"""Decode speed and time to first token: edgecluster against transformers' generate.
+"""Decode speed and time to first token: edgecluster against transformers' generate and
+against this machine's memory bandwidth, for each agent count and weight mode.
 
-    python benchmarks/inference.py [--quick] [--json] [--model M] [--agents N]
-                                   [--dtype float32|bfloat16] [--cache-dir DIR]
+    python benchmarks/inference.py [--quick] [--json] [--model M] [--agents 1,2,3]
+                                   [--weights fp32,bf16,int8,int4] [--hf-threads 1,2]
+                                   [--cache-dir DIR]
 
-In one run on this machine, with the same checkpoint, dtype, greedy decoding, a
-prompt of exactly 128 token ids and 64 new tokens:
+In one run on this machine, with the same checkpoint, greedy decoding, a prompt of
+exactly 128 token ids and 64 new tokens:
 
-1. edgecluster: `edge-coordinator serve --model M --local N` runs as a child process
-   (its own process group, cache in $EDGE_CACHE_DIR or the user's cache, so the GGUF
-   conversion and the agents' shards are reused between runs). Each repetition is one
-   streamed `POST /v1/completions`: TTFT is request start to the first token event,
-   decode rate is (tokens - 1) / (first token event -> finish event). Then per agent:
-   the weight bytes it holds (`GET /v1/cluster`: its shard's block files, as the agent
-   reports them) and its peak RSS (VmHWM) from /proc, just before the cluster stops.
-2. transformers: after the cluster is stopped (the machine has few cores), `generate`
-   in this process: TTFT is `max_new_tokens=1`; decode rate is 63 / (time for 64
-   tokens with `min_new_tokens=64` - TTFT). It is timed at each `--hf-threads` count
-   (default 1 and all cores) and the fastest, per figure, is the peer: on a loaded
-   machine torch's default of one thread per core can be several times slower than
-   one thread, and a ratio against a crippled peer would flatter us.
+0. Memory bandwidth, before the first cluster starts and again after the last
+   transformers run: a copy and a STREAM-like triad with torch on all cores, best of
+   30 (`memory_bandwidth.py`); the largest figure is `memory_bandwidth_gb_per_s`.
+1. edgecluster, once per combination of `--weights` (outer) and `--agents` (inner):
+   `edge-coordinator serve --model M --local N --weights MODE` as a child process (its
+   own process group, cache in $EDGE_CACHE_DIR or the user's cache, so the GGUF
+   conversion and the agents' shards are reused between runs). bf16 computes in
+   bfloat16, the other modes in float32. `--weights` is passed whenever this checkout's
+   `serve` has the flag (so the server's own default never decides the mode); without
+   it fp32 and bf16 are served by `--dtype` alone and int8/int4 are refused. Each
+   repetition is one streamed `POST /v1/completions`: TTFT is request start to the
+   first token event, decode rate is (tokens - 1) / (first token event -> finish event).
+   Then, from `GET /v1/cluster` and /proc just before the cluster stops: each agent's
+   weight bytes, peak RSS (VmHWM) and threads, and the hub's bytes per token.
+2. transformers, after every cluster has stopped (the machine has few cores), in this
+   process (`hf_decode.py`), once per compute dtype (float32 is the peer of fp32, int8
+   and int4; bfloat16 of bf16), not per agent count: at each `--hf-threads` count
+   (default 1 and all cores), and the fastest, per figure, is the peer.
 
-One warm-up, then 3 (`--quick`) or 7 repetitions; medians and spread are reported.
-The API has no ignore-EOS switch, so the edge token count is the one the model
-produced (reported); the prompt (a repeated English paragraph) makes it run to 64.
+Per run, `bytes_per_token` is the weight bytes the whole cluster reads per decode step:
+each agent's blocks as prepared in memory (`resident_weight_bytes`; an agent that
+streams from disk: its shard as stored, `weight_bytes`) plus the hub's LM head
+(`hub.bytes_per_token`; a view without it gives the hub's `weight_bytes`, which
+over-counts the embedding, and a note says so). KV-cache reads (about 1% here) are not
+counted. `gb_per_s` = bytes_per_token * tokens_per_s / 1e9; `bandwidth_fraction` =
+gb_per_s / memory_bandwidth_gb_per_s.
 
-Bar (issue 3): smollm2-135m, fp32, 3 agents: edge / HF decode ratio >= 0.8, and each
-agent's weight bytes <= 40% of the model's layer weights. The table comes first;
-the last line is one JSON object.
+One warm-up, then 3 (`--quick`) or 7 repetitions; medians and spread (min-max) are
+reported. The API has no ignore-EOS switch, so the edge token count is the one the
+model produced (reported); the prompt (a repeated English paragraph) makes it run to 64.
+
+Bars (issue 15): 3 agents fp32 decode >= 2.0x transformers; 1 agent fp32 >= 60% of the
+memory bandwidth; int8 >= 1.6x fp32 at 3 agents; every run's TTFT <= transformers';
+every 1-agent run at least as fast as transformers. Issue 3's, on the default run:
+ratio >= 0.8, each agent's weight bytes <= 40% of the layer weights.
+
+Output: a table of all runs first; the last line is one JSON object. Its top-level keys
+are today's, for the default run (the first combination); `"runs"` lists every
+combination and `"memory_bandwidth_gb_per_s"` is the limit. The number of timed
+repetitions, called "runs" before issue 15, is now `"repetitions"`.
 """
 
 from __future__ import annotations
@@ -34,34 +55,28 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import statistics
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Sequence
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import format_table, machine_info, peak_rss_bytes, print_json_last
-from coordinator_process import (
-    CoordinatorProcess,
-    ServeOptions,
-    cmdline_flag,
-    serve_coordinator,
-    sse_events,
-)
+from common import machine_info, print_json_last
+from coordinator_process import ServeOptions, serve_supports_weights
+from decode_timing import summarize
+from edge_decode import measure_edge
+from hf_decode import measure_hf
+from inference_report import bars, report
+from memory_bandwidth import FULL_ELEMENTS, QUICK_ELEMENTS, measure_memory_bandwidth
 
 from edgecluster.weights.checkpoint import Checkpoint
 from edgecluster.weights.models import DEFAULT_MODEL, default_cache_dir, resolve_model
+from edgecluster.weights.quant import QUANTIZED_MODES, WEIGHT_MODES, check_mode, matrix_shapes
 
 PROMPT_TOKENS = 128
 NEW_TOKENS = 64
 TOKEN = "bench-inference-token"
-READY_TIMEOUT_S = 300.0
-BAR_RATIO, BAR_WEIGHT_FRACTION = 0.8, 0.4
 PARAGRAPH = (
     "The old lighthouse stood at the edge of the cliff, its white paint peeling in the salt "
     "wind. Every evening the keeper climbed the narrow stairs, trimmed the wick, and watched "
@@ -74,32 +89,42 @@ PARAGRAPH = (
 @dataclass(frozen=True, kw_only=True)
 class BenchConfig:
     model: str
-    num_agents: int
-    dtype: str
-    num_runs: int
+    agents: tuple[int, ...]  # agent counts, in run order
+    weights: tuple[str, ...]  # weight modes, in run order
+    num_runs: int  # timed repetitions per combination
     cache_dir: Path
     hf_threads: tuple[int, ...]  # torch thread counts tried for transformers; fastest counts
+    quick: bool = False
 
     def __post_init__(self) -> None:
-        if self.num_agents < 1:
-            raise ValueError(f"--agents must be at least 1, got {self.num_agents}")
+        if not self.agents or min(self.agents) < 1:
+            raise ValueError(f"--agents needs counts >= 1 (e.g. 1,2,3), got {self.agents}")
+        if not self.weights:
+            raise ValueError(f"--weights needs modes from {', '.join(WEIGHT_MODES)}")
+        for mode in self.weights:
+            check_mode(mode)
         if self.num_runs < 1:
             raise ValueError(f"the number of runs must be at least 1, got {self.num_runs}")
         if not self.hf_threads or min(self.hf_threads) < 1:
             raise ValueError(f"--hf-threads needs counts >= 1, got {self.hf_threads}")
 
 
-@dataclass(frozen=True, kw_only=True)
-class Run:
-    """One timed generation: time to first token, then the rest."""
+def compute_dtype(mode: str) -> str:
+    """The dtype a mode computes in (what `serve --weights` does)."""
+    return "bfloat16" if mode == "bf16" else "float32"
 
-    ttft_s: float
-    decode_s: float  # from the first token to the last
-    num_tokens: int
 
-    @property
-    def tokens_per_s(self) -> float:
-        return (self.num_tokens - 1) / self.decode_s
+def serve_options(cfg: BenchConfig, num_agents: int, mode: str) -> ServeOptions:
+    flag = serve_supports_weights()
+    if not flag and mode in QUANTIZED_MODES:
+        raise ValueError(
+            f"--weights {mode}: this checkout's `edge-coordinator serve` has no --weights "
+            "flag; run fp32 or bf16, or update edgecluster"
+        )
+    return ServeOptions(
+        model=cfg.model, num_agents=num_agents, dtype=compute_dtype(mode), token=TOKEN,
+        cache_dir=cfg.cache_dir, weights=mode if flag else None,
+    )  # fmt: skip
 
 
 def prompt_ids(model_dir: Path) -> list[int]:
@@ -110,147 +135,106 @@ def prompt_ids(model_dir: Path) -> list[int]:
     return (ids * (PROMPT_TOKENS // len(ids) + 1))[:PROMPT_TOKENS]
 
 
-def layer_weight_bytes(model_dir: Path, dtype: torch.dtype) -> int:
-    """Bytes of every `model.layers.*` tensor of the checkpoint, stored in `dtype`."""
+def layer_weight_bytes(model_dir: Path, mode: str) -> int:
+    """Bytes of every `model.layers.*` tensor of the checkpoint stored in `mode`:
+    matrices in its stored form, norms and biases in its compute dtype."""
+    itemsize = getattr(torch, compute_dtype(mode)).itemsize
+    total = 0
     with Checkpoint(model_dir) as ckpt:
-        names = [n for n in ckpt.names() if n.startswith("model.layers.")]
-        numel = sum(torch.Size(ckpt.shape(n)).numel() for n in names)
-    return numel * dtype.itemsize
-
-
-# ------------------------------------------------------------------ edgecluster
-
-
-def stream_completion(server: CoordinatorProcess, prompt: list[int]) -> Run:
-    """One streamed, greedy completion; times the first token and the finish event."""
-    body = {
-        "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True,
-        "stream_options": {"include_usage": True},
-    }  # fmt: skip
-    start = time.perf_counter()
-    with closing(server.request("POST", "/v1/completions", body)) as resp:
-        if resp.status != 200:
-            raise RuntimeError(f"POST /v1/completions: {resp.status} {resp.read()!r}")
-        first = end = 0.0
-        num_tokens = 0
-        for event in sse_events(resp):
-            if event.get("usage"):
-                num_tokens = int(event["usage"]["completion_tokens"])
-            for choice in event.get("choices", []):
-                now = time.perf_counter()
-                first = first or now
-                end = now if choice.get("finish_reason") else end
-    if num_tokens < 2 or not end:
-        raise RuntimeError(f"the stream gave {num_tokens} tokens and no finish; cannot time it")
-    return Run(ttft_s=first - start, decode_s=end - first, num_tokens=num_tokens)
-
-
-def agents_by_name(view: dict[str, Any]) -> list[dict[str, Any]]:
-    """The agents of a `GET /v1/cluster` view, ordered by name (as `agent_processes` is)."""
-    return sorted(view["agents"], key=lambda a: a["name"])
-
-
-def shard_field(view: dict[str, Any], key: str) -> list[Any]:
-    """`key` of each agent's shard (0 for an agent without one), ordered by agent name."""
-    return [(a.get("shard") or {}).get(key) or 0 for a in agents_by_name(view)]
-
-
-def measure_edge(cfg: BenchConfig, prompt: list[int], say: Callable[[str], None]) -> dict[str, Any]:
-    opts = ServeOptions(
-        model=cfg.model, num_agents=cfg.num_agents, dtype=cfg.dtype, token=TOKEN,
-        cache_dir=cfg.cache_dir,
-    )  # fmt: skip
-    with (
-        tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp,
-        serve_coordinator(opts, Path(tmp)) as server,
-    ):
-        started = time.perf_counter()
-        server.wait_ready(READY_TIMEOUT_S)
-        say(f"edgecluster ready in {time.perf_counter() - started:.1f} s; timing")
-        runs = timed_runs(lambda: stream_completion(server, prompt), cfg.num_runs, say)
-        _, view = server.get_json("/v1/cluster")
-        agents = server.agent_processes()
-        threads = [int(cmdline_flag(a.cmdline(), "--threads") or 0) for a in agents]
-        return {
-            "runs": runs,
-            "agent_peak_rss_bytes": [peak_rss_bytes(a.pid) for a in agents],
-            "coordinator_peak_rss_bytes": peak_rss_bytes(server.proc.pid),
-            "agent_weight_bytes": shard_field(view, "weight_bytes"),
-            "agent_resident_weight_bytes": shard_field(view, "resident_weight_bytes"),
-            "agent_threads": threads,
-            "agent_matmul_gflops": [a["matmul_gflops"] for a in agents_by_name(view)],
-            "hub_weight_bytes": view["hub"]["weight_bytes"],
-        }
+        for name in (n for n in ckpt.names() if n.startswith("model.layers.")):
+            shape = ckpt.shape(name)
+            if len(shape) != 2:
+                total += torch.Size(shape).numel() * itemsize
+                continue
+            for dims, dtype in matrix_shapes(name, shape[0], shape[1], mode).values():
+                total += torch.Size(dims).numel() * dtype.itemsize
+    return total
 
 
 # ------------------------------------------------------------------ transformers
 
 
-def load_hf(model_dir: Path, dtype: torch.dtype) -> Any:
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
-
-
-def hf_generate_s(model: Any, ids: torch.Tensor, new_tokens: int) -> tuple[float, int]:
-    """Seconds for greedy `generate` of exactly `new_tokens` tokens, and the count made."""
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), do_sample=False,
-            max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            pad_token_id=model.generation_config.eos_token_id,
-        )  # fmt: skip
-    return time.perf_counter() - start, out.shape[1] - ids.shape[1]
-
-
-def hf_run(model: Any, ids: torch.Tensor) -> Run:
-    ttft_s, _ = hf_generate_s(model, ids, 1)
-    total_s, made = hf_generate_s(model, ids, NEW_TOKENS)
-    return Run(ttft_s=ttft_s, decode_s=total_s - ttft_s, num_tokens=made)
-
-
-def measure_hf(
-    cfg: BenchConfig, model_dir: Path, prompt: list[int], say: Callable[[str], None]
-) -> dict[int, list[Run]]:
-    """Runs at each of `cfg.hf_threads` torch thread counts."""
-    model = load_hf(model_dir, getattr(torch, cfg.dtype))
-    ids = torch.tensor([prompt])  # [1, T]
-    by_threads = {}
-    for threads in cfg.hf_threads:
-        torch.set_num_threads(threads)
-        say(f"transformers, {threads} torch threads; timing")
-        by_threads[threads] = timed_runs(lambda: hf_run(model, ids), cfg.num_runs, say)
-    return by_threads
+def hf_peer(
+    cfg: BenchConfig, model_dir: Path, dtype: str, prompt: list[int], say: Callable[[str], None]
+) -> dict[str, Any]:
+    """transformers in `dtype` at its best: per figure, the fastest thread count."""
+    timed = measure_hf(
+        model_dir, getattr(torch, dtype), prompt, new_tokens=NEW_TOKENS,
+        threads=cfg.hf_threads, num_runs=cfg.num_runs, say=say,
+    )  # fmt: skip
+    by_threads = {t: summarize(r) for t, r in timed.items()}
+    decode = max(by_threads, key=lambda t: by_threads[t]["tokens_per_s"])
+    ttft = min(by_threads, key=lambda t: by_threads[t]["ttft_s"])
+    return {
+        "by_threads": by_threads,
+        "threads": decode,
+        "ttft_threads": ttft,
+        "tokens_per_s": by_threads[decode]["tokens_per_s"],
+        "ttft_s": by_threads[ttft]["ttft_s"],
+    }
 
 
 # ------------------------------------------------------------------ driver
 
 
-def timed_runs(once: Callable[[], Run], num_runs: int, say: Callable[[str], None]) -> list[Run]:
-    once()  # warm-up
-    runs = []
-    for i in range(num_runs):
-        runs.append(once())
-        r = runs[-1]
-        say(f"  run {i + 1}/{num_runs}: ttft {r.ttft_s * 1e3:.0f} ms, {r.tokens_per_s:.1f} tok/s")
-    return runs
-
-
-def summarize(runs: Sequence[Run]) -> dict[str, Any]:
-    rates = [r.tokens_per_s for r in runs]
-    ttfts = [r.ttft_s for r in runs]
+def run_entry(edge: dict[str, Any], hf: dict[str, Any], bandwidth_gb_s: float) -> dict[str, Any]:
+    """One combination's figures: the issue's keys first, the spread after."""
+    e = summarize(edge["runs"])
+    bytes_per_token = edge["agent_bytes_per_token"] + edge["hub_bytes_per_token"]
+    gb_per_s = bytes_per_token * e["tokens_per_s"] / 1e9
     return {
-        "tokens_per_s": statistics.median(rates),
-        "tokens_per_s_min": min(rates),
-        "tokens_per_s_max": max(rates),
-        "ttft_s": statistics.median(ttfts),
-        "ttft_s_min": min(ttfts),
-        "ttft_s_max": max(ttfts),
-        "num_tokens": [r.num_tokens for r in runs],
+        "agents": edge["agents"],
+        "weights": edge["weights"],
+        "tokens_per_s": e["tokens_per_s"],
+        "hf_tokens_per_s": hf["tokens_per_s"],
+        "ratio": e["tokens_per_s"] / hf["tokens_per_s"],
+        "ttft_s": e["ttft_s"],
+        "hf_ttft_s": hf["ttft_s"],
+        "bytes_per_token": bytes_per_token,
+        "gb_per_s": gb_per_s,
+        "bandwidth_fraction": gb_per_s / bandwidth_gb_s,
+        "tokens_per_s_min": e["tokens_per_s_min"],
+        "tokens_per_s_max": e["tokens_per_s_max"],
+        "ttft_s_min": e["ttft_s_min"],
+        "ttft_s_max": e["ttft_s_max"],
+        "num_tokens": e["num_tokens"],
+        "agent_bytes_per_token": edge["agent_bytes_per_token"],
+        "hub_bytes_per_token": edge["hub_bytes_per_token"],
+        "dtype": edge["dtype"],
+        "retries": edge["retries"],
+    }
+
+
+def default_run_keys(
+    cfg: BenchConfig, edge: dict[str, Any], hf: dict[str, Any], model_dir: Path
+) -> dict[str, Any]:
+    """Today's top-level keys, for the default run (the first combination)."""
+    e = summarize(edge["runs"])
+    layer_bytes = layer_weight_bytes(model_dir, edge["weights"])
+    return {
+        "model": cfg.model,
+        "agents": edge["agents"],
+        "weights": edge["weights"],
+        "edge_tokens_per_s": e["tokens_per_s"],
+        "hf_tokens_per_s": hf["tokens_per_s"],
+        "ratio": e["tokens_per_s"] / hf["tokens_per_s"],
+        "edge_ttft_s": e["ttft_s"],
+        "hf_ttft_s": hf["ttft_s"],
+        "agent_peak_rss_bytes": edge["agent_peak_rss_bytes"],
+        "agent_weight_bytes": edge["agent_weight_bytes"],
+        "layer_weight_bytes": layer_bytes,
+        "max_agent_weight_fraction": max(edge["agent_weight_bytes"]) / layer_bytes,
+        "dtype": edge["dtype"],
+        "edge": e,
+        "hf": hf["by_threads"][hf["threads"]],
+        "hf_threads": hf["threads"],
+        "hf_ttft_threads": hf["ttft_threads"],
+        "hf_by_threads": {str(t): v for t, v in hf["by_threads"].items()},
+        "edge_agent_threads": edge["agent_threads"],
+        "edge_agent_matmul_gflops": edge["agent_matmul_gflops"],
+        "agent_resident_weight_bytes": edge["agent_resident_weight_bytes"],
+        "coordinator_peak_rss_bytes": edge["coordinator_peak_rss_bytes"],
+        "hub_weight_bytes": edge["hub_weight_bytes"],
     }
 
 
@@ -258,110 +242,53 @@ def run_benchmark(cfg: BenchConfig, say: Callable[[str], None]) -> dict[str, Any
     machine = machine_info()
     model_dir = resolve_model(cfg.model, cfg.cache_dir)
     prompt = prompt_ids(model_dir)
-    edge = measure_edge(cfg, prompt, say)
+    for mode in cfg.weights:
+        serve_options(cfg, cfg.agents[0], mode)  # refuse a mode this serve lacks, up front
+    say("memory bandwidth (copy, triad)")
+    bandwidth = [measure_memory_bandwidth(QUICK_ELEMENTS if cfg.quick else FULL_ELEMENTS)]
+    timing: dict[str, Any] = {"new_tokens": NEW_TOKENS, "num_runs": cfg.num_runs, "say": say}
+    edges = [
+        measure_edge(serve_options(cfg, n, mode), prompt, **timing)
+        for mode in cfg.weights
+        for n in cfg.agents
+    ]
     machine["load_avg_1m_after_edge"] = os.getloadavg()[0]  # the phases may see other loads
-    hf_by_threads = {t: summarize(r) for t, r in measure_hf(cfg, model_dir, prompt, say).items()}
-    # the peer is transformers at its best, per figure: decode and TTFT may differ in threads
-    hf_threads = max(hf_by_threads, key=lambda t: hf_by_threads[t]["tokens_per_s"])
-    ttft_threads = min(hf_by_threads, key=lambda t: hf_by_threads[t]["ttft_s"])
-    hf = hf_by_threads[hf_threads]
-    e = summarize(edge["runs"])
-    layer_bytes = layer_weight_bytes(model_dir, getattr(torch, cfg.dtype))
-    fraction = max(edge["agent_weight_bytes"]) / layer_bytes
-    ratio = e["tokens_per_s"] / hf["tokens_per_s"]
+    dtypes = dict.fromkeys(compute_dtype(mode) for mode in cfg.weights)
+    hf = {dtype: hf_peer(cfg, model_dir, dtype, prompt, say) for dtype in dtypes}
     machine["load_avg_1m_end"] = os.getloadavg()[0]
-    return {
-        "model": cfg.model,
-        "agents": cfg.num_agents,
-        "edge_tokens_per_s": e["tokens_per_s"],
-        "hf_tokens_per_s": hf["tokens_per_s"],
-        "ratio": ratio,
-        "edge_ttft_s": e["ttft_s"],
-        "hf_ttft_s": hf_by_threads[ttft_threads]["ttft_s"],
-        "agent_peak_rss_bytes": edge["agent_peak_rss_bytes"],
-        "agent_weight_bytes": edge["agent_weight_bytes"],
-        "layer_weight_bytes": layer_bytes,
-        "max_agent_weight_fraction": fraction,
-        "bar": {
-            "ratio_ge_0.8": ratio >= BAR_RATIO,
-            "weight_fraction_le_0.4": fraction <= BAR_WEIGHT_FRACTION,
-        },
-        "dtype": cfg.dtype,
-        "prompt_tokens": len(prompt),
-        "runs": cfg.num_runs,
-        "edge": e,
-        "hf": hf,  # at hf_threads
-        "hf_threads": hf_threads,
-        "hf_ttft_threads": ttft_threads,
-        "hf_by_threads": {str(t): v for t, v in hf_by_threads.items()},
-        "edge_agent_threads": edge["agent_threads"],
-        "edge_agent_matmul_gflops": edge["agent_matmul_gflops"],
-        "agent_resident_weight_bytes": edge["agent_resident_weight_bytes"],
-        "coordinator_peak_rss_bytes": edge["coordinator_peak_rss_bytes"],
-        "hub_weight_bytes": edge["hub_weight_bytes"],
-        "machine": machine,
-    }
+    bandwidth.append(measure_memory_bandwidth(QUICK_ELEMENTS if cfg.quick else FULL_ELEMENTS))
+    best = max(bandwidth, key=lambda b: b["memory_bandwidth_gb_per_s"])
+    limit = best["memory_bandwidth_gb_per_s"]
+    best["first_last_gb_per_s"] = [b["memory_bandwidth_gb_per_s"] for b in bandwidth]
+    runs = [run_entry(e, hf[e["dtype"]], limit) for e in edges]
+    result = default_run_keys(cfg, edges[0], hf[edges[0]["dtype"]], model_dir)
+    result["bar"] = bars(runs, result["max_agent_weight_fraction"])
+    notes = dict.fromkeys(n for e in edges for n in e["notes"])
+    for r in runs:
+        if r["retries"]:
+            notes[f"{r['agents']} agents {r['weights']}: retried {len(r['retries'])} refused "
+                  "completions (the cluster re-planned mid-run)"] = None  # fmt: skip
+    result.update(
+        prompt_tokens=len(prompt), repetitions=cfg.num_runs, runs=runs,
+        memory_bandwidth_gb_per_s=limit, memory_bandwidth=best, notes=list(notes),
+        machine=machine,
+    )  # fmt: skip
+    return result
 
 
-def engines(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    threads = ",".join(str(t) for t in sorted(set(result["edge_agent_threads"])))
-    rows = [(f"edgecluster ({threads} thr/agent)", result["edge"])]
-    rows += [(f"transformers ({t} thr)", s) for t, s in result["hf_by_threads"].items()]
-    return rows
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected counts like 1,2,3") from None
 
 
-def engine_table(result: dict[str, Any]) -> str:
-    rows = [
-        {
-            "engine": name,
-            "tok/s": s["tokens_per_s"],
-            "tok/s min": s["tokens_per_s_min"],
-            "tok/s max": s["tokens_per_s_max"],
-            "ttft ms": s["ttft_s"] * 1e3,
-            "ttft ms min": s["ttft_s_min"] * 1e3,
-            "ttft ms max": s["ttft_s_max"] * 1e3,
-            "tokens": ",".join(str(n) for n in sorted(set(s["num_tokens"]))),
-        }
-        for name, s in engines(result)
-    ]
-    return format_table(rows, list(rows[0]))
-
-
-def agent_table(result: dict[str, Any]) -> str:
-    columns = zip(
-        result["agent_weight_bytes"],
-        result["agent_peak_rss_bytes"],
-        result["edge_agent_matmul_gflops"],
-        strict=True,
-    )
-    rows = [
-        {"agent": i, "weight MiB": w / 2**20, "peak RSS MiB": r / 2**20, "GFLOPS": g}
-        for i, (w, r, g) in enumerate(columns)
-    ]
-    return format_table(rows, ["agent", "weight MiB", "peak RSS MiB", "GFLOPS"])
-
-
-def report(result: dict[str, Any]) -> str:
-    b, m = result["bar"], result["machine"]
-    return "\n".join(
-        [
-            f"{result['model']}, {result['dtype']}, {result['agents']} agents, "
-            f"{result['prompt_tokens']}-token prompt, {NEW_TOKENS} new tokens, "
-            f"medians of {result['runs']} runs; load {m['load_avg_1m']:.2f} -> "
-            f"{m['load_avg_1m_after_edge']:.2f} (edge) -> {m['load_avg_1m_end']:.2f} (hf) "
-            f"on {m['cores']} cores",
-            engine_table(result),
-            "",
-            agent_table(result),
-            f"layer weights {result['layer_weight_bytes'] / 2**20:.1f} MiB; "
-            f"coordinator peak RSS {result['coordinator_peak_rss_bytes'] / 2**20:.1f} MiB",
-            "",
-            f"bar: ratio {result['ratio']:.2f} against transformers at its fastest "
-            f"({result['hf_threads']} threads) (>= {BAR_RATIO}): {b['ratio_ge_0.8']}; "
-            f"max agent weight fraction {result['max_agent_weight_fraction']:.3f} "
-            f"(<= {BAR_WEIGHT_FRACTION}): {b['weight_fraction_le_0.4']}",
-        ]
-    )
+def mode_list(text: str) -> tuple[str, ...]:
+    modes = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    bad = [m for m in modes if m not in WEIGHT_MODES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad}: choose from {', '.join(WEIGHT_MODES)}")
+    return modes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -369,29 +296,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 timed runs instead of 7")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="name, checkpoint dir or .gguf")
-    parser.add_argument("--agents", type=int, default=3, help="local agents (default 3)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--agents", type=int_list, default=(3,), help="local agent counts, e.g. 1,2,3 (default 3)"
+    )
+    parser.add_argument(
+        "--weights", type=mode_list, default=("fp32",),
+        help=f"weight modes, comma list of {','.join(WEIGHT_MODES)} (default fp32)",
+    )  # fmt: skip
     parser.add_argument("--cache-dir", type=Path, help="default: $EDGE_CACHE_DIR or ~/.cache")
     parser.add_argument(
         "--hf-threads",
-        default=f"1,{os.cpu_count() or 1}",
+        type=int_list,
+        default=tuple(sorted({1, os.cpu_count() or 1})),
         help="torch thread counts to time transformers at; the fastest is the peer",
     )
     args = parser.parse_args(argv)
     cfg = BenchConfig(
         model=args.model,
-        num_agents=args.agents,
-        dtype=args.dtype,
+        agents=tuple(dict.fromkeys(args.agents)),
+        weights=args.weights,
         num_runs=3 if args.quick else 7,
         cache_dir=args.cache_dir or default_cache_dir(),
-        hf_threads=tuple(sorted({int(t) for t in args.hf_threads.split(",") if t.strip()})),
+        hf_threads=tuple(sorted(set(args.hf_threads))),
+        quick=args.quick,
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the cluster
     say = (lambda _: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = run_benchmark(cfg, say)
     result["mode"] = "quick" if args.quick else "full"
     if not args.json:
-        print(report(result))
+        print(report(result, NEW_TOKENS))
     print_json_last(result)
     return 0
 
