@@ -3,8 +3,10 @@
 Frames: a 4-byte little-endian length, then that many bytes whose first is the type:
 - CONTROL (0): a serialized protobuf `Frame` (handshake, ERROR, BYE, KEEPALIVE);
 - TENSOR (1): a raw tensor header (dtype code, dims, send time; see codec), followed
-  by the tensor's numel * itemsize bytes, which the length does not count. They are
-  read straight into the new tensor's memory once the header has been checked.
+  by the tensor's numel * itemsize bytes, which the length does not count. A frame of
+  up to 128 KiB is read whole into the link's read buffer, its tag checked where it
+  lies and its payload copied once into the new tensor; a larger tensor's bytes are
+  read straight into its memory once the header has been checked.
 Once the handshake (datachannel.py) proved the session key, a 16-byte tag follows
 each frame, after its payload (frame_seal.py): MAC, or AEAD with the payload sealed.
 Raw tensor frames cost a third of a protobuf message per tensor (no message to build,
@@ -168,10 +170,8 @@ class Link:
         send lock held: the seal numbers frames in the order they are written)."""
         frame.sent_at_ns = time.monotonic_ns()
         body = frame.SerializeToString()
-        prefix = _LEN.pack(1 + len(body)) + _CONTROL
-        if self._seal is None:
-            return prefix + body
-        return prefix + self._seal.seal_control(prefix, body)
+        packet = _LEN.pack(1 + len(body)) + _CONTROL + body
+        return packet if self._seal is None else self._seal.seal_frame(packet, 5)
 
     def recv_frame(self) -> pb.Frame:
         """The next control frame (an ERROR frame raises what it reports)."""
