@@ -49,6 +49,7 @@ from edgecluster.net.codec import (
     TensorLimits,
     raw_header,
     tensor_bytes,
+    tensor_from_bytes,
 )
 from edgecluster.net.frame_seal import (
     TAG_BYTES,
@@ -244,10 +245,7 @@ class Link:
             payload: memoryview | bytes = view[clear:total]
         else:
             payload = self._open_frame(view[:total], clear)
-        if nbytes:
-            tensor = torch.frombuffer(bytearray(payload), dtype=dtype).view(shape)
-        else:
-            tensor = torch.empty(shape, dtype=dtype)
+        tensor = tensor_from_bytes(payload, dtype, shape)
         self._reader.skip(total)
         if self._delay_ns:
             self._hold_until(sent_at_ns)
