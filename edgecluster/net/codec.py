@@ -19,6 +19,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from edgecluster.errors import TensorMessageError
@@ -39,6 +40,19 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # A raw header names its dtype by index here: append new dtypes, never reorder.
 DTYPE_CODES: tuple[str, ...] = tuple(DTYPES)
 _RAW_HEAD = struct.Struct("<BBq")  # dtype code, ndim, sent_at_ns; then ndim int64 dims
+_SENT_AT = struct.Struct("<q")  # at offset 2 of a raw header
+_CODE_OF = {DTYPES[name]: code for code, name in enumerate(DTYPE_CODES)}
+_RAW_HEADS: dict[int, struct.Struct] = {}  # whole raw headers, by ndim
+# numpy shapes a received buffer faster than torch's view (bfloat16 goes as int16)
+_NUMPY_DTYPES = {
+    torch.float32: np.float32,
+    torch.bfloat16: np.int16,
+    torch.float16: np.float16,
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+    torch.uint8: np.uint8,
+}
+assert set(_NUMPY_DTYPES) == set(DTYPES.values()), "every dtype that travels needs a numpy twin"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,8 +79,14 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of `t` (a view when `t` is contiguous)."""
-    flat = t.detach().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy().data)
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if not t.numel():
+        return memoryview(b"")
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: the same bytes as int16
+        t = t.view(torch.int16)
+    return t.numpy().data.cast("B")
 
 
 def encode_chunks(
@@ -127,8 +147,16 @@ def _check_shape(label: str, dtype: torch.dtype, shape: list[int], limits: Tenso
 
 def raw_header(t: torch.Tensor, sent_at_ns: int) -> bytes:
     """The data channel's header for `t`; `t`'s bytes (`tensor_bytes`) follow it."""
-    code = DTYPE_CODES.index(dtype_name(t.dtype))
-    return _RAW_HEAD.pack(code, t.dim(), sent_at_ns) + struct.pack(f"<{t.dim()}q", *t.shape)
+    code = _CODE_OF.get(t.dtype)
+    if code is None:
+        dtype_name(t.dtype)  # raises the error that names the dtypes that can travel
+    ndim = t.dim()
+    packer = _RAW_HEADS.get(ndim) or _RAW_HEADS.setdefault(ndim, _raw_head_struct(ndim))
+    return packer.pack(code, ndim, sent_at_ns, *t.shape)
+
+
+def _raw_head_struct(ndim: int) -> struct.Struct:
+    return struct.Struct(f"{_RAW_HEAD.format}{ndim}q")
 
 
 def parse_raw_header(
@@ -159,6 +187,40 @@ def parse_raw_header(
     dtype = DTYPES[DTYPE_CODES[code]]
     _check_shape("tensor", dtype, shape, limits)
     return dtype, shape, sent_at_ns
+
+
+def tensor_from_bytes(
+    data: bytes | bytearray | memoryview, dtype: torch.dtype, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """A new tensor holding a copy of `data`: the raw bytes of a checked `dtype` `shape`."""
+    tensor = torch.from_numpy(np.frombuffer(bytearray(data), _NUMPY_DTYPES[dtype]).reshape(shape))
+    return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+
+
+class RawHeaderReader:
+    """`parse_raw_header` for one link, its checks done once per distinct dtype and
+    shape: a decode step sends the same few headers over and over, and only their
+    send time changes. Same errors, same results (the shape as a tuple)."""
+
+    def __init__(self, limits: TensorLimits = DEFAULT_LIMITS, max_entries: int = 64) -> None:
+        self._limits = limits
+        self._max_entries = max_entries
+        self._known: dict[bytes, tuple[torch.dtype, tuple[int, ...], int]] = {}
+
+    def parse(self, header: memoryview) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+        """(dtype, shape, payload bytes, sent_at_ns) of a raw header, or TensorMessageError."""
+        if len(header) < _RAW_HEAD.size:
+            parse_raw_header(header, self._limits)  # raises what is wrong
+        key = bytes(header[:2]) + bytes(header[_RAW_HEAD.size :])  # all but the send time
+        known = self._known.get(key)
+        if known is None:
+            dtype, shape, _ = parse_raw_header(header, self._limits)
+            known = (dtype, tuple(shape), math.prod(shape) * dtype.itemsize)
+            if len(self._known) >= self._max_entries:
+                self._known.clear()
+            self._known[key] = known
+        dtype, shape_t, nbytes = known
+        return dtype, shape_t, nbytes, _SENT_AT.unpack_from(header, 2)[0]
 
 
 def decode_single(chunk: pb.TensorChunk, limits: TensorLimits = DEFAULT_LIMITS) -> torch.Tensor:

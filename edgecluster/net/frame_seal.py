@@ -82,6 +82,29 @@ class FrameSeal:
             return memoryview(sealed)[:-TAG_BYTES], sealed[-TAG_BYTES:]
         return payload, self._aes.encrypt(nonce, b"", head + payload)
 
+    def seal_frame(self, frame: bytes, clear: int) -> bytes:
+        """The whole frame as sent: `frame` (prefix, header and payload in one buffer,
+        its first `clear` bytes the prefix and header) with its tag appended, its
+        payload encrypted in AEAD mode. Same bytes as `seal_control` / `seal_tensor`."""
+        nonce = self._next_out()
+        if self.mode == AEAD:
+            view = memoryview(frame)
+            return frame[:clear] + self._aes.encrypt(nonce, view[clear:], view[:clear])
+        return frame + self._aes.encrypt(nonce, b"", frame)
+
+    def open_frame(self, frame: memoryview, clear: int) -> memoryview | bytes:
+        """The plain payload of a whole received frame (`frame` ends with its tag; its
+        first `clear` bytes are the prefix and header), or FrameForgedError. In MAC mode
+        a view of `frame`."""
+        nonce = self._next_in()
+        try:
+            if self.mode == AEAD:
+                return self._aes.decrypt(nonce, frame[clear:], frame[:clear])
+            self._aes.decrypt(nonce, frame[-TAG_BYTES:], frame[:-TAG_BYTES])
+            return frame[clear:-TAG_BYTES]
+        except InvalidTag:
+            raise FrameForgedError() from None
+
     def open_control(self, prefix: bytes, body: bytes, tag: bytes) -> bytes:
         """The plain body, or FrameForgedError."""
         nonce = self._next_in()

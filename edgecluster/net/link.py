@@ -3,8 +3,10 @@
 Frames: a 4-byte little-endian length, then that many bytes whose first is the type:
 - CONTROL (0): a serialized protobuf `Frame` (handshake, ERROR, BYE, KEEPALIVE);
 - TENSOR (1): a raw tensor header (dtype code, dims, send time; see codec), followed
-  by the tensor's numel * itemsize bytes, which the length does not count. They are
-  read straight into the new tensor's memory once the header has been checked.
+  by the tensor's numel * itemsize bytes, which the length does not count. A frame of
+  up to 128 KiB is read whole into the link's read buffer, its tag checked where it
+  lies and its payload copied once into the new tensor; a larger tensor's bytes are
+  read straight into its memory once the header has been checked.
 Once the handshake (datachannel.py) proved the session key, a 16-byte tag follows
 each frame, after its payload (frame_seal.py): MAC, or AEAD with the payload sealed.
 Raw tensor frames cost a third of a protobuf message per tensor (no message to build,
@@ -43,10 +45,11 @@ import torch
 from edgecluster.errors import PeerLostError, TensorMessageError
 from edgecluster.net.codec import (
     DEFAULT_LIMITS,
+    RawHeaderReader,
     TensorLimits,
-    parse_raw_header,
     raw_header,
     tensor_bytes,
+    tensor_from_bytes,
 )
 from edgecluster.net.frame_seal import (
     TAG_BYTES,
@@ -66,8 +69,10 @@ T = TypeVar("T")
 
 _LEN = struct.Struct("<I")
 _CONTROL, _TENSOR = b"\x00", b"\x01"  # frame types (the first byte after the length)
+_CONTROL_TYPE, _TENSOR_TYPE = _CONTROL[0], _TENSOR[0]
 MAX_FRAME_BYTES = 64 << 10  # a control frame or a tensor header (a tensor's bytes follow)
 _COALESCE_BYTES = 64 << 10  # tensors up to this size go out as one write with their header
+_WHOLE_FRAME_BYTES = 128 << 10  # frames up to this size are read whole into the read buffer
 REPORT_TIMEOUT_S = 1.0
 _LOST_PREFIX = "PEER_LOST "  # ERROR frame: "PEER_LOST <name>\n<detail>", a lost rank
 
@@ -95,7 +100,7 @@ class Link:
         self.peer = peer
         self._reader = SocketReader(sock, int(spin_us * 1000))
         self._delay_ns = int(link_delay_ms * 1e6)
-        self._limits = limits
+        self._headers = RawHeaderReader(limits)
         self._send_lock = threading.Lock()
         self._seal: FrameSeal | None = None  # set once the handshake proved the key
         self.deadline_s: float | None = None  # a read waits at most this long for a byte
@@ -127,6 +132,9 @@ class Link:
         """A tensor frame from its length-prefixed header and its bytes (`tensor_packet`).
         A small tensor goes out with its header in one write; a large one is not copied
         (unless it is encrypted)."""
+        if len(payload) <= _COALESCE_BYTES:
+            self.send_whole_frame(head + payload, len(head))
+            return
         with self._sending():
             seal = self._seal
             tag = b""
@@ -134,12 +142,20 @@ class Link:
                 sent, tag = seal.seal_tensor(head, payload)
             else:
                 sent = payload
-            if len(sent) <= _COALESCE_BYTES:
-                self.sock.sendall(b"".join((head, sent, tag)))
-            else:
-                self.sock.sendall(head)
-                self.sock.sendall(sent)
-                self.sock.sendall(tag)
+            self.sock.sendall(head)
+            self.sock.sendall(sent)
+            self.sock.sendall(tag)
+
+    def send_whole_frame(self, frame: bytes, clear: int) -> None:
+        """A small frame, built whole (its first `clear` bytes the length, type and
+        header), tagged (and sealed) for this link and sent in one write."""
+        try:
+            with self._send_lock:
+                seal = self._seal
+                self.sock.sendall(frame if seal is None else seal.seal_frame(frame, clear))
+                self.last_sent = time.monotonic()
+        except OSError as exc:
+            raise PeerLostError(self.peer, f"send failed ({exc})") from exc
 
     @contextlib.contextmanager
     def _sending(self) -> Iterator[None]:
@@ -155,10 +171,8 @@ class Link:
         send lock held: the seal numbers frames in the order they are written)."""
         frame.sent_at_ns = time.monotonic_ns()
         body = frame.SerializeToString()
-        prefix = _LEN.pack(1 + len(body)) + _CONTROL
-        if self._seal is None:
-            return prefix + body
-        return prefix + self._seal.seal_control(prefix, body)
+        packet = _LEN.pack(1 + len(body)) + _CONTROL + body
+        return packet if self._seal is None else self._seal.seal_frame(packet, 5)
 
     def recv_frame(self) -> pb.Frame:
         """The next control frame (an ERROR frame raises what it reports)."""
@@ -176,23 +190,31 @@ class Link:
         return message
 
     def _recv_message(self) -> pb.Frame | torch.Tensor:
-        head = self._read(4)
-        if len(head) < 4:
+        view = self._peek(4)
+        if len(view) < 4:
             raise PeerLostError(self.peer, "connection closed")
-        (size,) = _LEN.unpack(head)
-        if size > MAX_FRAME_BYTES:  # refused outside _read: its TensorMessageError must surface
+        (size,) = _LEN.unpack_from(view)
+        if size > MAX_FRAME_BYTES:  # refused outside _peek: its TensorMessageError must surface
             self._refuse(f"frame of {size} bytes exceeds the limit {MAX_FRAME_BYTES}")
-        body = self._read(size)
-        if len(body) < size:
+        if len(view) < 4 + size:  # usually the whole frame came with its length
+            view = self._peek(4 + size)
+            if len(view) < 4 + size:
+                raise PeerLostError(self.peer, "connection closed mid-frame")
+        kind = view[4] if size else None
+        if kind == _TENSOR_TYPE:
+            return self._recv_tensor(view, 4 + size)
+        if kind != _CONTROL_TYPE:
+            self._refuse(f"undecodable frame (type {'missing' if kind is None else f'{kind:02x}'})")
+        return self._recv_control(4 + size)
+
+    def _recv_control(self, clear: int) -> pb.Frame:
+        """The control frame whose length and type are buffered, `clear` bytes with its body."""
+        total = clear + (TAG_BYTES if self._seal is not None else 0)
+        view = self._peek(total)
+        if len(view) < total:
             raise PeerLostError(self.peer, "connection closed mid-frame")
-        kind = body[:1]
-        if kind == _TENSOR:
-            return self._recv_tensor_payload(head + body)
-        if kind != _CONTROL:
-            self._refuse(f"undecodable frame (type {kind.hex() or 'missing'})")
-        plain = body[1:]
-        if self._seal is not None:
-            plain = self._open(lambda seal: seal.open_control(head + kind, plain, self._tag()))
+        plain = bytes(view[5:clear] if self._seal is None else self._open_frame(view[:total], 5))
+        self._reader.skip(total)
         frame = pb.Frame()
         try:
             frame.ParseFromString(plain)
@@ -203,27 +225,56 @@ class Link:
         self._hold_until(frame.sent_at_ns)
         return frame
 
-    def _recv_tensor_payload(self, head: bytes) -> torch.Tensor:
-        """The tensor whose length-prefixed header is `head`; its bytes (and tag) follow."""
+    def _recv_tensor(self, view: memoryview, clear: int) -> torch.Tensor:
+        """The tensor whose length-prefixed header is `view[:clear]` (buffered, not yet
+        consumed); its bytes (and tag) follow. A small frame is checked and copied out of
+        the read buffer whole: one copy, and its tag covers the bytes as they lie."""
         try:
-            dtype, shape, sent_at_ns = parse_raw_header(memoryview(head)[5:], self._limits)
+            dtype, shape, nbytes, sent_at_ns = self._headers.parse(view[5:clear])
         except TensorMessageError as exc:
             self._refuse(str(exc))
+        total = clear + nbytes + (TAG_BYTES if self._seal is not None else 0)
+        if total > _WHOLE_FRAME_BYTES:
+            return self._recv_large_tensor(clear, dtype, shape, sent_at_ns)
+        if len(view) < total:
+            view = self._peek(total)
+            if len(view) < total:
+                closed = "mid-tensor" if len(view) < clear + nbytes else "mid-frame"
+                raise PeerLostError(self.peer, f"connection closed {closed}")
+        if self._seal is None:
+            payload: memoryview | bytes = view[clear:total]
+        else:
+            payload = self._open_frame(view[:total], clear)
+        tensor = tensor_from_bytes(payload, dtype, shape)
+        self._reader.skip(total)
+        if self._delay_ns:
+            self._hold_until(sent_at_ns)
+        return tensor
+
+    def _recv_large_tensor(
+        self, clear: int, dtype: torch.dtype, shape: tuple[int, ...], sent_at_ns: int
+    ) -> torch.Tensor:
+        """A tensor too large to buffer whole: read straight into its memory."""
+        head = bytes(self._peek(clear)[:clear])
+        self._reader.skip(clear)
         tensor = torch.empty(shape, dtype=dtype)
         into = tensor.view(-1).view(torch.uint8).numpy().data
-        if tensor.numel():
-            try:
-                filled = self._reader.read_into(into)
-            except ReadDeadlineError:
-                raise self.silent() from None
-            except (OSError, ValueError) as exc:
-                raise PeerLostError(self.peer, f"receive failed ({exc})") from exc
-            if filled < len(into):
-                raise PeerLostError(self.peer, "connection closed mid-tensor")
+        try:
+            filled = self._reader.read_into(into)
+        except ReadDeadlineError:
+            raise self.silent() from None
+        except (OSError, ValueError) as exc:
+            raise PeerLostError(self.peer, f"receive failed ({exc})") from exc
+        if filled < len(into):
+            raise PeerLostError(self.peer, "connection closed mid-tensor")
         if self._seal is not None:
             self._open(lambda seal: seal.open_tensor(head, into, self._tag()))
         self._hold_until(sent_at_ns)
         return tensor
+
+    def _open_frame(self, frame: memoryview, clear: int) -> memoryview | bytes:
+        """The plain payload of a whole buffered frame (see FrameSeal.open_frame)."""
+        return self._open(lambda seal: seal.open_frame(frame, clear))
 
     def _tag(self) -> bytes:
         tag = self._read(TAG_BYTES)
@@ -259,10 +310,17 @@ class Link:
                 time.sleep(wait_ns / 1e9)
 
     def _read(self, size: int) -> bytes:
+        view = self._peek(size)
+        data = bytes(view[:size])
+        self._reader.skip(len(data))
+        return data
+
+    def _peek(self, size: int) -> memoryview:
+        """At least `size` buffered bytes (fewer: the peer closed), not consumed."""
         deadline = self.deadline_s
         self._reader.deadline_ms = None if deadline is None else max(1, int(deadline * 1000))
         try:
-            return self._reader.read(size)
+            return self._reader.peek(size)
         except ReadDeadlineError:
             raise self.silent() from None
         except (OSError, ValueError) as exc:  # ValueError: read on a closed file
@@ -364,7 +422,9 @@ def wait_any(links: Sequence[Link], spin_ns: int, timeout_s: float | None = None
 
 def tensor_packet(t: torch.Tensor) -> tuple[bytes, memoryview]:
     """A tensor frame: its length-prefixed header, and the bytes that follow it."""
-    t = t.detach().contiguous()
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
     header = raw_header(t, time.monotonic_ns())
     return _LEN.pack(1 + len(header)) + _TENSOR + header, tensor_bytes(t)
 
@@ -373,8 +433,13 @@ def send_tensor_to(links: Sequence[Link], t: torch.Tensor) -> None:
     """Sends `t` on every link in turn (the hub's fan-out): encoded once, tagged (and
     sealed) per link, since every link has its own key and sequence."""
     head, payload = tensor_packet(t)
+    if len(payload) > _COALESCE_BYTES:
+        for link in links:
+            link.send_tensor_parts(head, payload)
+        return
+    frame = head + payload  # built once; each link tags (or seals) its own copy
     for link in links:
-        link.send_tensor_parts(head, payload)
+        link.send_whole_frame(frame, len(head))
 
 
 def _reported_error(via: str, message: str) -> PeerLostError:

@@ -9,6 +9,9 @@ cgroup CPU quota the default is 0, since polling would spend the quota compute n
 
 A reader may have a deadline (`deadline_ms`): a read that sees no byte for that long
 raises ReadDeadlineError instead of blocking on (see EDGE_READ_DEADLINE_S).
+
+A small frame is read without copying it out: `peek` makes it wait whole in the
+buffer and returns a view of it, `skip` consumes it once the caller has used it.
 """
 
 from __future__ import annotations
@@ -87,9 +90,7 @@ class SocketReader:
             filled += take
             if filled == size:
                 return filled
-            self.spin(self.spin_ns)  # the buffer is empty: wait for the socket
-            if self.deadline_ms is not None and not self._poller.poll(self.deadline_ms):
-                raise ReadDeadlineError(f"no byte for {self.deadline_ms} ms")
+            self._wait()  # the buffer is empty: wait for the socket
             if size - filled >= len(self._view):
                 got = self._sock.recv_into(into[filled:])
                 filled += got
@@ -98,6 +99,44 @@ class SocketReader:
                 self._start, self._end = 0, got
             if got == 0:
                 return filled
+
+    def peek(self, size: int) -> memoryview:
+        """At least `size` received bytes from the read position, not consumed (fewer
+        only when the peer closed the stream): a view of the buffer, valid until the
+        next read or skip. `size` must fit the buffer (`capacity`)."""
+        if self._end - self._start < size:
+            self._fill(size)
+        return self._view[self._start : self._end]
+
+    def skip(self, size: int) -> None:
+        """Consumes `size` bytes that `peek` returned."""
+        assert size <= self._end - self._start, "skip past the bytes received"
+        self._start += size
+
+    @property
+    def capacity(self) -> int:
+        """The most bytes one `peek` can hold."""
+        return len(self._view)
+
+    def _fill(self, size: int) -> None:
+        if size > len(self._view):
+            raise ValueError(f"a peek of {size} bytes exceeds the {len(self._view)}-byte buffer")
+        held = self._end - self._start
+        if self._start + size > len(self._view):  # no room behind: move what is held forward
+            self._view[:held] = bytes(self._view[self._start : self._end])
+            self._start, self._end = 0, held
+        while self._end - self._start < size:
+            self._wait()
+            got = self._sock.recv_into(self._view[self._end :])
+            if got == 0:
+                return
+            self._end += got
+
+    def _wait(self) -> None:
+        """Waits until the socket is readable: polls first, then blocks, up to the deadline."""
+        self.spin(self.spin_ns)
+        if self.deadline_ms is not None and not self._poller.poll(self.deadline_ms):
+            raise ReadDeadlineError(f"no byte for {self.deadline_ms} ms")
 
     def spin(self, budget_ns: int) -> None:
         """Polls for up to `budget_ns` until the socket is readable, yielding the core
