@@ -21,8 +21,8 @@ def _sample(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     if dtype.is_floating_point:
         return torch.randn(shape, generator=gen).to(dtype)
-    high = 256 if dtype == torch.uint8 else 1 << 30
-    return torch.randint(0, high, shape, generator=gen, dtype=dtype)
+    low, high = {torch.uint8: (0, 256), torch.int8: (-128, 128)}.get(dtype, (0, 1 << 30))
+    return torch.randint(low, high, shape, generator=gen, dtype=dtype)
 
 
 def _reassemble(chunks: list[pb.TensorChunk], limits: TensorLimits | None = None) -> torch.Tensor:
