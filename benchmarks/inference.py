@@ -41,8 +41,9 @@ model produced (reported); the prompt (a repeated English paragraph) makes it ru
 
 Bars (issue 15): 3 agents fp32 decode >= 2.0x transformers; 1 agent fp32 >= 60% of the
 memory bandwidth; int8 >= 1.6x fp32 at 3 agents; every run's TTFT <= transformers';
-every 1-agent run at least as fast as transformers. Issue 3's, on the default run:
-ratio >= 0.8, each agent's weight bytes <= 40% of the layer weights.
+every 1-agent run at least as fast as transformers. Issue 3's, on the 3-agent fp32 run:
+ratio >= 0.8, each agent's weight bytes <= 40% of the layer weights. A bar whose runs
+were not made is null ("not run").
 
 Output: a table of all runs first; the last line is one JSON object. Its top-level keys
 are today's, for the default run (the first combination); `"runs"` lists every
@@ -177,9 +178,12 @@ def hf_peer(
 # ------------------------------------------------------------------ driver
 
 
-def run_entry(edge: dict[str, Any], hf: dict[str, Any], bandwidth_gb_s: float) -> dict[str, Any]:
+def run_entry(
+    edge: dict[str, Any], hf: dict[str, Any], bandwidth_gb_s: float, model_dir: Path
+) -> dict[str, Any]:
     """One combination's figures: the issue's keys first, the spread after."""
     e = summarize(edge["runs"])
+    layer_bytes = layer_weight_bytes(model_dir, edge["weights"])
     bytes_per_token = edge["agent_bytes_per_token"] + edge["hub_bytes_per_token"]
     gb_per_s = bytes_per_token * e["tokens_per_s"] / 1e9
     return {
@@ -200,6 +204,7 @@ def run_entry(edge: dict[str, Any], hf: dict[str, Any], bandwidth_gb_s: float) -
         "num_tokens": e["num_tokens"],
         "agent_bytes_per_token": edge["agent_bytes_per_token"],
         "hub_bytes_per_token": edge["hub_bytes_per_token"],
+        "max_agent_weight_fraction": max(edge["agent_weight_bytes"]) / layer_bytes,
         "dtype": edge["dtype"],
         "retries": edge["retries"],
     }
@@ -260,9 +265,9 @@ def run_benchmark(cfg: BenchConfig, say: Callable[[str], None]) -> dict[str, Any
     best = max(bandwidth, key=lambda b: b["memory_bandwidth_gb_per_s"])
     limit = best["memory_bandwidth_gb_per_s"]
     best["first_last_gb_per_s"] = [b["memory_bandwidth_gb_per_s"] for b in bandwidth]
-    runs = [run_entry(e, hf[e["dtype"]], limit) for e in edges]
+    runs = [run_entry(e, hf[e["dtype"]], limit, model_dir) for e in edges]
     result = default_run_keys(cfg, edges[0], hf[edges[0]["dtype"]], model_dir)
-    result["bar"] = bars(runs, result["max_agent_weight_fraction"])
+    result["bar"] = bars(runs)
     notes = dict.fromkeys(n for e in edges for n in e["notes"])
     for r in runs:
         if r["retries"]:

@@ -14,7 +14,7 @@ from common import format_table
 BAR_RATIO_3_FP32 = 2.0  # 3 agents, fp32: decode >= 2x transformers
 BAR_BANDWIDTH_1_FP32 = 0.6  # 1 agent, fp32: >= 60% of the measured memory bandwidth
 BAR_INT8_SPEEDUP_3 = 1.6  # 3 agents: int8 decode >= 1.6x fp32
-# issue 3 (the default run)
+# issue 3 (3 agents, fp32)
 BAR_RATIO, BAR_WEIGHT_FRACTION = 0.8, 0.4
 
 
@@ -22,9 +22,9 @@ def find_run(runs: list[dict[str, Any]], agents: int, weights: str) -> dict[str,
     return next((r for r in runs if r["agents"] == agents and r["weights"] == weights), None)
 
 
-def bars(runs: list[dict[str, Any]], weight_fraction: float) -> dict[str, bool | None]:
-    """Issue 15's bars over all runs, and issue 3's over the first (the default run)."""
-    fp32_3, fp32_1, int8_3 = find_run(runs, 3, "fp32"), find_run(runs, 1, "fp32"), None
+def bars(runs: list[dict[str, Any]]) -> dict[str, bool | None]:
+    """Issue 15's bars over all runs, and issue 3's over the 3-agent fp32 run."""
+    fp32_3, fp32_1 = find_run(runs, 3, "fp32"), find_run(runs, 1, "fp32")
     int8_3 = find_run(runs, 3, "int8")
     one_agent = [r for r in runs if r["agents"] == 1]
     return {
@@ -41,8 +41,10 @@ def bars(runs: list[dict[str, Any]], weight_fraction: float) -> dict[str, bool |
         "one_agent_not_slower_than_hf": all(r["ratio"] >= 1.0 for r in one_agent)
         if one_agent
         else None,
-        "ratio_ge_0.8": runs[0]["ratio"] >= BAR_RATIO,
-        "weight_fraction_le_0.4": weight_fraction <= BAR_WEIGHT_FRACTION,
+        "ratio_ge_0.8": None if fp32_3 is None else fp32_3["ratio"] >= BAR_RATIO,
+        "weight_fraction_le_0.4": None
+        if fp32_3 is None
+        else fp32_3["max_agent_weight_fraction"] <= BAR_WEIGHT_FRACTION,
     }
 
 
