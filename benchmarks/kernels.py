@@ -11,8 +11,9 @@ edgecluster could compute them:
 - `F.linear` on [out, in] fp32 (what transformers does), `x @ w` on a transposed
   [in, out] copy (edgecluster's resident fp32), the bmm split of one row over
   threads (engine.linear.DenseLinear), bf16 F.linear;
-- int8: fbgemm's `quantized::linear_dynamic` (edgecluster's int8) and torch's
-  weight-only `_weight_int8pack_mm`; int4: `_weight_int4pack_mm_for_cpu`;
+- int8: torch's weight-only `_weight_int8pack_mm` (edgecluster's int8), the int8
+  matrix widened to fp32 per product, and fbgemm's `quantized::linear_dynamic`
+  (fast, but it rounds activations: not used); int4: `_weight_int4pack_mm_for_cpu`;
 - with `--compile`, `torch.compile` (inductor) of the fp32 and int8-dequantizing
   products, compile time excluded (it takes tens of seconds per shape here).
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -80,19 +82,19 @@ def variants(ws: list[torch.Tensor], compile_too: bool) -> dict[str, tuple[list[
     )
     stored8 = [quant.quantize_matrix("w", w, "int8") for w in ws]
     bytes8 = sum(nbytes(list(s.values())) for s in stored8)
-    out["int8 fbgemm dynamic"] = (
+    out["int8 fbgemm dynamic (rounds activations)"] = (
+        [_fbgemm_int8(s["w.int8"], s["w.scale"]) for s in stored8],
+        bytes8,
+    )
+    out["int8 weight-only (edgecluster)"] = (
         [Int8Linear(s["w.int8"], s["w.scale"], None, resident=True) for s in stored8],
         bytes8,
     )
-    out["int8 torch weight-only"] = (
+    out["int8 widened per product"] = (
         [
-            lambda x, s=s: torch.ops.aten._weight_int8pack_mm(x, s["w.int8"], s["w.scale"])
+            lambda x, s=s: F.linear(x, s["w.int8"].to(torch.float32)).mul_(s["w.scale"])
             for s in stored8
         ],
-        bytes8,
-    )
-    out["int8 widened per product (streamed)"] = (
-        [Int8Linear(s["w.int8"], s["w.scale"], None, resident=False) for s in stored8],
         bytes8,
     )
     stored4 = [quant.quantize_matrix("w", w, "int4") for w in ws]
@@ -110,6 +112,17 @@ def variants(ws: list[torch.Tensor], compile_too: bool) -> dict[str, tuple[list[
             bytes8,
         )
     return out
+
+
+def _fbgemm_int8(q: torch.Tensor, scale: torch.Tensor) -> Any:
+    """fbgemm's packed int8 with dynamic activation quantization (not used: see
+    engine.linear.Int8Linear)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensors are deprecated in 2.13
+        zero = torch.zeros(q.shape[0], dtype=torch.long)
+        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+        packed = torch.ops.quantized.linear_prepack(qw, None)
+    return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
 
 
 def time_pass(ops: list[Any], x: torch.Tensor, passes: int) -> float:
@@ -143,7 +156,7 @@ def main() -> None:
         for threads in sorted({1, cores}):
             torch.set_num_threads(threads)
             for tokens in (1,) if args.quick else (1, 128):
-                if tokens > 1 and "int4" in name or tokens > 1 and "weight-only" in name:
+                if tokens > 1 and ("int4" in name or "weight-only" in name):
                     continue  # torch's kernels take tens of seconds on 128 rows here
                 x = torch.randn(tokens, 1536)
                 seconds = time_pass(ops, x, passes)

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from coordinator.cli import main
 from edgecluster.config import CoordinatorConfig
+from edgecluster.weights import weight_mode
 from edgecluster.weights.gguf_convert import SOURCE_FILE
 from edgecluster.weights.weight_mode import choose_weights
 
@@ -42,15 +43,24 @@ def test_a_checkpoint_is_served_as_it_is_stored(
     assert "checkpoint holds" in choice.reason
 
 
-def test_a_quantized_gguf_source_is_served_as_int8(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fast_int8", [True, False])
+def test_a_quantized_gguf_source_is_served_as_int8_where_int8_is_fast(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_int8: bool
+) -> None:
+    """int8 where the CPU has a fast int8 kernel (AVX-512); elsewhere fp32, which is
+    faster there and exact, and the reason says how to ask for int8 anyway."""
+    monkeypatch.setattr(weight_mode, "fast_int8_cpu", lambda: fast_int8)
     source = {"gguf": str(tmp_path / "gone.Q4_1.gguf"), "tensor_types": {"Q4_1": 210}}
     choice = choose_weights(_checkpoint(tmp_path / "ckpt", torch.float32, source))
+    expected = "int8" if fast_int8 else "fp32"
     assert (choice.mode, choice.compute_dtype, choice.storage_dtype) == (
-        "int8",
+        expected,
         "float32",
         "float32",
     )
-    assert "Q4_1" in choice.reason and "int8" in choice.describe()
+    assert "Q4_1" in choice.reason and expected in choice.describe()
+    if not fast_int8:
+        assert "--weights int8" in choice.reason
     f32 = {"gguf": str(tmp_path / "x.gguf"), "tensor_types": {"F32": 7}}
     assert choose_weights(_checkpoint(tmp_path / "f32", torch.float32, f32)).mode == "fp32"
 

@@ -10,11 +10,11 @@ fp32  resident: kept transposed ([in, out], contiguous), computed as x @ w: MKL
       single row on several threads is a bmm over slices of the input dimension.
       Streamed blocks (read per token) use F.linear as stored.
 bf16  F.linear on [out, in] (oneDNN; it also splits one row across threads).
-int8  resident: fbgemm's packed int8 matrix (`quantized::linear_dynamic`: the row
-      of activations is quantized per call, the weights stay int8 per channel),
-      ~1.7x faster than fp32 per token. Streamed blocks, or a torch without fbgemm:
-      widened to fp32 per product (torch's weight-only `_weight_int8pack_mm` is ~4x
-      slower than fp32 on AVX2, benchmarks/kernels.py).
+int8  torch's weight-only kernel (`_weight_int8pack_mm`, as gpt-fast uses it):
+      a quarter of fp32's bytes, exact up to the weights' rounding. On AVX2 it is
+      ~4x slower than fp32 (benchmarks/kernels.py), so int8 saves memory there, not
+      time; fbgemm's dynamic int8 kernel is ~1.7x faster than fp32 but rounds the
+      activations and failed the quality bar (see Int8Linear).
 int4  torch's `_weight_int4pack_mm_for_cpu` for single rows (packed in memory,
       half of int8's bytes; on AVX2 it is compute-bound, slower than fp32), and a
       dequantized float32 matrix for prompts (the kernel is ~50x slower on many
@@ -26,8 +26,6 @@ and int4 up to their quantization (and fbgemm's activation rounding).
 
 from __future__ import annotations
 
-import functools
-import warnings
 from typing import Protocol
 
 import torch
@@ -99,41 +97,29 @@ class DenseLinear:
         return y if self.bias is None else y.add_(self.bias)
 
 
-@functools.cache
-def fbgemm_available() -> bool:
-    return "fbgemm" in torch.backends.quantized.supported_engines or (
-        "x86" in torch.backends.quantized.supported_engines
-    )
-
-
 class Int8Linear:
+    """Weight-only int8: every row of x is multiplied by the int8 matrix in float32,
+    so a row's result never depends on the other rows of its batch, and the only
+    rounding is the weights'. (fbgemm's faster dynamic kernel rounds the activations
+    to 7 bits with one scale per call: SmolLM2's perplexity tripled, and a request's
+    tokens changed with what it was batched with; benchmarks/perplexity.py.)"""
+
     def __init__(
         self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, resident: bool
     ):
         self.out_features = q.shape[0]
         self.bias = None if bias is None else bias.float()
         self.weight_bytes = _nbytes(q, scale, bias)
-        self._packed = None
-        if resident and fbgemm_available() and q.numel():
-            with warnings.catch_warnings():  # quantized tensors are deprecated, not gone (2.13)
-                warnings.simplefilter("ignore")
-                qw = torch._make_per_channel_quantized_tensor(
-                    q, scale.double(), torch.zeros(q.shape[0], dtype=torch.long), 0
-                )
-                self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
-        else:
-            self._q, self._scale = q, scale.float()
+        self._q, self._scale = q, scale.float()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        if self._packed is not None:
-            y = torch.ops.quantized.linear_dynamic(x32.contiguous(), self._packed, True)
+        if self._q.numel():
+            y = torch.ops.aten._weight_int8pack_mm(x32.contiguous(), self._q, self._scale)
         else:
-            # A streamed block (used once) or no fbgemm: widen, multiply, scale. Twice
-            # as fast here as torch's weight-only `_weight_int8pack_mm` on AVX2.
-            y = F.linear(x32, self._q.to(torch.float32)).mul_(self._scale)
-            if self.bias is not None:
-                y = y + self.bias
+            y = x32.new_zeros(x32.shape[0], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias
         return y.to(x.dtype)
 
 

@@ -51,6 +51,7 @@ _NUMPY_DTYPES = {
     torch.int64: np.int64,
     torch.int32: np.int32,
     torch.uint8: np.uint8,
+    torch.int8: np.int8,
 }
 assert set(_NUMPY_DTYPES) == set(DTYPES.values()), "every dtype that travels needs a numpy twin"
 

@@ -7,7 +7,8 @@
   in bf16 is served as bf16, fp32 as fp32 (fp16 as fp32, which holds it exactly); a
   checkpoint converted from a GGUF file whose layers are Q4_0/Q4_1/Q8_0 (or another
   quantized GGUF type) as int8, the closest mode that does not lose more of what the
-  file holds (the default model is such a file); `--dtype bfloat16` with a dense
+  file holds (the default model is such a file), on CPUs where int8 is fast (AVX-512;
+  elsewhere fp32, which is faster there and exact); `--dtype bfloat16` with a dense
   checkpoint stores it as bf16 (what the flag has always done).
 - The compute dtype: bf16 weights compute in bfloat16, the others in float32, unless
   `--dtype` says otherwise. fp32 weights computed in bfloat16 would be rounded when
@@ -28,6 +29,8 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from edgecluster.weights.gguf_convert import SOURCE_FILE
 from edgecluster.weights.quant import QUANTIZED_MODES, WEIGHT_MODES, check_mode
@@ -148,11 +151,24 @@ def _gguf_mode(checkpoint_dir: Path, source: dict[str, object]) -> tuple[str, st
     name = Path(str(source["gguf"])).name
     summary = ", ".join(f"{t} x{n}" for t, n in sorted(types.items(), key=lambda kv: -kv[1]))
     quantized = [t for t in types if t not in GGUF_DENSE]
-    if quantized:
+    if quantized and fast_int8_cpu():
         return "int8", f"{name} holds {summary}: quantized layers are served as int8"
+    if quantized:
+        return "fp32", (
+            f"{name} holds {summary}; int8 would be the default, but this CPU "
+            f"({torch.backends.cpu.get_cpu_capability()}) has no fast int8 weight-only "
+            "kernel (measured 4x slower than fp32 on AVX2), so fp32: pass --weights int8 "
+            "or int4 to save memory instead"
+        )
     modes = {GGUF_DENSE[t] for t in types}
     mode = "fp32" if "fp32" in modes or not modes else "bf16"
     return mode, f"{name} holds {summary}"
+
+
+def fast_int8_cpu() -> bool:
+    """Whether torch's CPU int8 weight-only kernel beats fp32 here (AVX-512 and up;
+    benchmarks/kernels.py measured it ~4x slower than fp32 on an AVX2 box)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def gguf_layer_types(path: Path) -> dict[str, int] | None:
