@@ -10,11 +10,15 @@ can drop the agents that missed their deadline or are unreachable.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import grpc
+
+from edgecluster.net.pb import edgecluster_pb2 as pb
+from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
@@ -83,3 +87,17 @@ def call_all(
     if failures:
         raise AgentCallsFailed(failures)
     return results
+
+
+def close_sessions(stubs: Mapping[str, pb_grpc.AgentStub], session_id: str) -> None:
+    """Best effort, in parallel: agents that opened a session that will not run drop it."""
+    calls = {
+        node_id: (
+            lambda stub=stub: stub.CloseSession(
+                pb.CloseSessionRequest(session_id=session_id), timeout=CONTROL_DEADLINE_S
+            )
+        )
+        for node_id, stub in stubs.items()
+    }
+    with contextlib.suppress(AgentCallsFailed):
+        call_all(calls, {n: n[:8] for n in stubs}, "CloseSession")

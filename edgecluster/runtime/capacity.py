@@ -14,6 +14,10 @@ from __future__ import annotations
 import math
 import threading
 
+import psutil
+
+from edgecluster.errors import PlanError
+
 
 def capacity_bucket(gflops: float) -> float:
     """Measured speed rounded to half-octaves, so re-measuring rarely changes the plan."""
@@ -41,3 +45,16 @@ class CapacityMemory:
             chosen = capacity_bucket(measured_gflops)
             self._planned[node_id] = chosen
             return chosen
+
+
+def check_hub_memory(limit_bytes: int, hub_weight_bytes: int) -> None:
+    """The coordinator's embedding and LM head count against its --memory-limit."""
+    if not limit_bytes:
+        return
+    rss = int(psutil.Process().memory_info().rss)
+    if rss > limit_bytes:
+        raise PlanError(
+            f"the coordinator holds the embedding, final norm and LM head "
+            f"({hub_weight_bytes / 2**20:.0f} MiB) and now uses {rss / 2**20:.0f} MiB, over "
+            f"its --memory-limit {limit_bytes / 2**20:.0f} MiB; raise the limit"
+        )

@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import psutil
 import torch
 
 from edgecluster.api.backend import BackendBusy, BackendUnavailable, SamplingParams
 from edgecluster.comm.communicator import Communicator, SessionConfig, serving_algorithm
 from edgecluster.config import CoordinatorConfig
 from edgecluster.engine.hub import HubModel
-from edgecluster.errors import EdgeClusterError, PeerLostError, PlanError
+from edgecluster.errors import EdgeClusterError, PeerLostError
 from edgecluster.net.auth import derive_session_key
 from edgecluster.net.datachannel import DataListener
 from edgecluster.net.grpc_util import open_channel
@@ -46,11 +45,12 @@ from edgecluster.plan.tensor_parallel import (
 )
 from edgecluster.runtime.agent import reachable_host
 from edgecluster.runtime.agent_calls import (
-    CONTROL_DEADLINE_S,
     AgentCallsFailed,
     call_all,
+    close_sessions,
     open_deadline_s,
 )
+from edgecluster.runtime.capacity import check_hub_memory
 from edgecluster.runtime.membership import Membership
 from edgecluster.runtime.roster import Roster
 from edgecluster.runtime.scheduler import GenRequest, Scheduler
@@ -415,7 +415,7 @@ class ServingCluster:
         try:
             call_all(calls, {m.id: m.name for m in order}, "OpenSession")
         except AgentCallsFailed:
-            self._close_sessions(stubs, session_id)
+            close_sessions(stubs, session_id)
             self._listener.forget(session_id)
             raise
         config = SessionConfig(
@@ -429,7 +429,7 @@ class ServingCluster:
         try:
             comm = Communicator.connect(config, self._listener, ["hub", *[m.name for m in order]])
         except PeerLostError as exc:  # its session opened, its data link did not
-            self._close_sessions(stubs, session_id)
+            close_sessions(stubs, session_id)
             self._listener.forget(session_id)
             for member in order:
                 if member.name == exc.peer:
@@ -439,20 +439,6 @@ class ServingCluster:
         self.scheduler.kv_budget_tokens = plan.kv_budget_tokens
         self.scheduler.attach(self.hub, comm)
         return comm
-
-    @staticmethod
-    def _close_sessions(stubs: dict[str, pb_grpc.AgentStub], session_id: str) -> None:
-        """Best effort, in parallel: agents that opened a session that will not run drop it."""
-        calls = {
-            node_id: (
-                lambda stub=stub: stub.CloseSession(
-                    pb.CloseSessionRequest(session_id=session_id), timeout=CONTROL_DEADLINE_S
-                )
-            )
-            for node_id, stub in stubs.items()
-        }
-        with contextlib.suppress(AgentCallsFailed):
-            call_all(calls, {n: n[:8] for n in stubs}, "CloseSession")
 
     def _stub(self, member: MemberInfo) -> pb_grpc.AgentStub:
         channel = open_channel(member.address, self.config.token, self.config.tls)
@@ -479,19 +465,6 @@ def _owned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Copies out of the checkpoint's file mapping, keeping tied tensors tied."""
     copies: dict[int, torch.Tensor] = {}
     return {n: copies.setdefault(id(t), t.clone()) for n, t in tensors.items()}
-
-
-def check_hub_memory(limit_bytes: int, hub_weight_bytes: int) -> None:
-    """The coordinator's embedding and LM head count against its --memory-limit."""
-    if not limit_bytes:
-        return
-    rss = int(psutil.Process().memory_info().rss)
-    if rss > limit_bytes:
-        raise PlanError(
-            f"the coordinator holds the embedding, final norm and LM head "
-            f"({hub_weight_bytes / 2**20:.0f} MiB) and now uses {rss / 2**20:.0f} MiB, over "
-            f"its --memory-limit {limit_bytes / 2**20:.0f} MiB; raise the limit"
-        )
 
 
 def _same_plan(a: TensorParallelPlan, b: TensorParallelPlan) -> bool:
