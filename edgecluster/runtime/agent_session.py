@@ -185,15 +185,14 @@ class AgentSessions:
         )
         weights: WeightSource
         if window >= len(order):
-            blocks = {
-                key: prepare_block(
-                    self._store.load_block(req.shard_key, block_name(*key)),
-                    key[1],
-                    dtype,
-                    resident=True,
-                )  # fmt: skip
-                for key, _ in order
-            }
+            blocks = {}
+            for key, _ in order:
+                stored = self._store.load_block(req.shard_key, block_name(*key))
+                blocks[key] = prepare_block(stored, key[1], dtype, resident=True)
+                del stored
+                # A prepared block may be a copy (fp32 is kept transposed): give the
+                # stored one's pages back now, or the heap keeps both (peak RSS 2.7x).
+                release_free_memory()
             weights = ResidentWeights(blocks)
             self.resident_weight_bytes = weights.weight_bytes
             log.info("loaded shard %s: %d blocks in memory", req.shard_key[:12], len(blocks))
