@@ -45,7 +45,8 @@ def test_two_unnamed_agents_on_one_host_join_with_distinct_dirs_and_names(
         agents = [a for a in (coord.cluster() or {}).get("agents", []) if a["state"] == "alive"]
         return agents if len(agents) == 2 else None
 
-    agents = wait_until(two_alive, 30, "two unnamed agents to join")
+    # generous: the first test of a cold suite waits for two cold torch imports
+    agents = wait_until(two_alive, 90, "two unnamed agents to join")
     host = socket.gethostname()
     assert sorted(a["name"] for a in agents) == [host, f"{host}-2"]
     assert len({a["id"] for a in agents}) == 2

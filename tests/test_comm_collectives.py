@@ -100,7 +100,7 @@ def test_star_sum_is_in_rank_order_whatever_order_partials_arrive(
 
 
 @pytest.mark.parametrize("algorithm", SMALL_PAYLOAD_ALGORITHMS)
-@pytest.mark.parametrize("num_nodes", (2, 3, 5))
+@pytest.mark.parametrize("num_nodes", (2, 4))
 def test_direct_all_reduce_gives_every_rank_the_same_sum(
     sessions: Sessions, num_nodes: int, algorithm: str
 ) -> None:
@@ -113,13 +113,13 @@ def test_direct_all_reduce_gives_every_rank_the_same_sum(
         )
         check_sum(answers, (1, 576), "float32", f"{algorithm} {num_nodes} stagger {stagger_ms}")
         assert all(a["rank_order_exact"] for a in answers), f"stagger {stagger_ms} ms"
-    for dtype in HALF_AND_FULL:  # (256, 1024) is 1 MiB in fp32: it goes by star
-        for shape in ((7, 143), (256, 1024)):
-            answers = sessions.pool.run(session, "all_reduce", seed=6, shape=shape, dtype=dtype)
-            check_sum(answers, shape, dtype, f"{algorithm} {num_nodes} nodes {dtype} {shape}")
+    # bf16 [7, 143] goes direct; fp32 [256, 1024] is 1 MiB: it goes by star
+    for dtype, shape in (("bfloat16", (7, 143)), ("float32", (256, 1024))):
+        answers = sessions.pool.run(session, "all_reduce", seed=6, shape=shape, dtype=dtype)
+        check_sum(answers, shape, dtype, f"{algorithm} {num_nodes} nodes {dtype} {shape}")
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS + SMALL_PAYLOAD_ALGORITHMS)
+@pytest.mark.parametrize("algorithm", ("star", "direct"))
 def test_a_group_of_ranks_reduces_among_itself(sessions: Sessions, algorithm: str) -> None:
     """Serving's shape: the agents (ranks 1..N) all-reduce while the hub (rank 0)
     sits out; the sum is the group's, in the group's rank order, on every member."""

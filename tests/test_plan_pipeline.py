@@ -170,7 +170,7 @@ def assert_timeline_sound(plan: PipelinePlan, cluster: ClusterSpec) -> None:
 clusters = st.lists(st.sampled_from([5.0, 10.0, 20.0, 40.0, 80.0]), min_size=1, max_size=10)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     speeds=clusters,
     num_layers=st.integers(2, 12),
