@@ -46,7 +46,7 @@ class TrainHarness:
             name: pool.agent(self.node.grpc_address, token=TOKEN, name=name) for name in names
         }
         deadline = time.monotonic() + 90
-        while {m.name for m in self.node.membership.alive()} < set(names):
+        while {m.name for m in self.node.membership.alive() if m.data_port} < set(names):
             assert time.monotonic() < deadline, "the agents did not join within 90 s"
             time.sleep(0.2)
 

@@ -200,7 +200,11 @@ class TrainingRun:
         while not stop.is_set():
             now = time.monotonic()
             self._excluded = {n: t for n, t in self._excluded.items() if now - t < EXCLUDE_LOST_S}
-            alive = [mem for mem in self._membership.alive() if mem.name not in self._excluded]
+            alive = [  # joined and compute-ready (its data channel is open)
+                mem
+                for mem in self._membership.alive()
+                if mem.data_port and mem.name not in self._excluded
+            ]
             if len(alive) >= needed:
                 self._min_agents = 1  # after a loss, the survivors go on if a plan fits
                 return sorted(alive, key=lambda mem: mem.name)

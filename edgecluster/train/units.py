@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from edgecluster.model_config import ModelConfig
-from edgecluster.train.checkpoint import load_training_state
 from edgecluster.train.model import EmbedHeadStage, LayerStage, read_hf_weights
 from edgecluster.train.spec import EMBED_HEAD
 
@@ -70,6 +69,8 @@ class Baseline:
         weights = read_hf_weights(self.path, wanted)
         optimizer: Mapping[str, torch.Tensor] = {}
         if self.kind == "checkpoint":
+            from edgecluster.train.checkpoint import load_training_state
+
             optimizer = load_training_state(self.path).optimizer
         out: dict[int, list[torch.Tensor]] = {}
         for u in units:
