@@ -150,6 +150,20 @@ def test_init_is_identical_whatever_the_split() -> None:
     assert not torch.equal(hf_state(other)["lm_head.weight"], whole["lm_head.weight"])
 
 
+def test_stages_built_on_meta_load_or_init_like_real_ones() -> None:
+    cfg = _cfg(tie_word_embeddings=True)
+    real = FullModel(cfg)
+    init_parameters(real, cfg, seed=9)
+    with torch.device("meta"):
+        loaded, fresh = FullModel(cfg), FullModel(cfg)
+    load_stage_weights(loaded, hf_state(real))
+    init_parameters(fresh, cfg, seed=9)
+    ids = torch.randint(0, 256, (2, 8))
+    for model in (loaded, fresh):
+        assert model.head.lm_head.weight is model.head.embed_tokens.weight
+        assert torch.equal(model(ids), real(ids))
+
+
 def test_tied_head_is_one_parameter_and_loads_from_hf_names() -> None:
     cfg = _cfg(tie_word_embeddings=True)
     head = EmbedHeadStage(cfg)

@@ -11,6 +11,11 @@ state are exchanged and checkpointed under HF names whatever the stage split.
 - `FullModel`: both, in one process; `keep_layers` runs a subset of the layers in a
   given order (the reference for skip/swap paths and the robustness check).
 
+Build on the meta device (`with torch.device("meta"): ...`) and then
+`load_stage_weights` (assigns the checkpoint's tensors) or `init_parameters`
+(materializes on the CPU) to skip torch's default init, which costs seconds for a
+full-size model.
+
 Forward passes are causal over positions 0..T-1 with no KV cache (training). RoPE is
 `edgecluster.engine.rope`'s, so serving and training share the math. The modules know
 nothing of the network, the plan or the optimizer.
@@ -81,7 +86,10 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, rotary: RotaryTable | None = None) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, rotary or RotaryTable(cfg, torch.float32))
+        if rotary is None:
+            with torch.device("cpu"):
+                rotary = RotaryTable(cfg, torch.float32)
+        self.self_attn = Attention(cfg, rotary)
         self.mlp = MLP(cfg)
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
@@ -102,7 +110,8 @@ class LayerStage(nn.Module):
                 f"the model's {cfg.num_layers} layers"
             )
         self.layer_start, self.layer_end = layer_start, layer_end
-        rotary = RotaryTable(cfg, torch.float32)  # shared by the stage's layers
+        with torch.device("cpu"):  # real tables even when the stage is built on meta
+            rotary = RotaryTable(cfg, torch.float32)  # shared by the stage's layers
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, rotary) for _ in range(layer_start, layer_end)
         )
@@ -219,9 +228,13 @@ def init_parameters(module: nn.Module, cfg: ModelConfig, seed: int) -> None:
 
     Each tensor draws from its own generator seeded by (seed, HF name), so a tensor's
     initial value depends on the seed and its layer index only, never on the split.
-    `cfg` is accepted for symmetry with the constructors; the std is HF's 0.02.
+    A module built on the meta device is materialized on the CPU first. `cfg` is
+    accepted for symmetry with the constructors; the std is HF's 0.02.
     """
     del cfg
+    if any(p.is_meta for p in module.parameters()):
+        module.to_empty(device="cpu")
+        _retie(module)
     for _, hf, param in _named_hf_parameters(module):
         if hf.endswith("norm.weight"):
             param.fill_(1.0)
@@ -268,6 +281,10 @@ def load_stage_weights(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -
     state = {local: tensors[hf].to(params[local].dtype) for hf, local in names.items()}
     assign = any(p.is_meta for p in params.values())
     module.load_state_dict(state, strict=False, assign=assign)
+    _retie(module)
+
+
+def _retie(module: nn.Module) -> None:
     for sub in module.modules():
         if isinstance(sub, EmbedHeadStage):
             sub.tie_weights()
