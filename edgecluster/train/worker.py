@@ -29,12 +29,16 @@ class StageWorker:
         self.rank = rank
         self.modules: dict[int, nn.Module] = {}
         for stage in spec.stages_of(rank):
-            if stage.index == 0:
-                self.modules[0] = EmbedHeadStage(spec.model)
-            else:
-                self.modules[stage.index] = LayerStage(
-                    spec.model, stage.layer_start, stage.layer_end
+            with torch.device("meta"):  # no default init: the units are loaded or seeded
+                module: nn.Module = (
+                    EmbedHeadStage(spec.model)
+                    if stage.index == 0
+                    else LayerStage(spec.model, stage.layer_start, stage.layer_end)
                 )
+            module.to_empty(device="cpu")
+            if isinstance(module, EmbedHeadStage):
+                module.tie_weights()
+            self.modules[stage.index] = module
         self.units: dict[int, list[nn.Parameter]] = {}
         for index, module in self.modules.items():
             if index == 0:
