@@ -36,7 +36,7 @@ from edgecluster.train.checkpoint import save_hf_checkpoint, save_training_state
 from edgecluster.train.data import BatchSampler, load_texts, prepare_tokens, tokenizer_for
 from edgecluster.train.options import TrainOptions
 from edgecluster.train.progress import TrainingProgress
-from edgecluster.train.resume import find_latest_checkpoint
+from edgecluster.train.resume import STATE_DIR, find_latest_checkpoint
 from edgecluster.train.session import SessionLinks, TrainingSession
 from edgecluster.train.spec import Hyper, spec_from_plan
 from edgecluster.train.units import Baseline, state_to_named, unit_names
@@ -143,6 +143,9 @@ class TrainingRun:
             session = TrainingSession(self._links, self._spec(plan, ranked), ranked)
             try:
                 step = self._place(session, step)
+                if o.eval_every and eval_round == 0:  # where the run starts from
+                    eval_round += 1
+                    self.progress.evaluated(step, session.evaluate(eval_round, held_out))
                 while step < o.steps and not stop.is_set():
                     first = step * p.num_micro_batches
                     result = session.iterate(step, lambda mb, first=first: sampler.batch(first + mb))
@@ -247,10 +250,14 @@ class TrainingRun:
             tensors.update(params)
             optimizer.update(moments)
         out = self.checkpoint_dir / name
-        save_hf_checkpoint(out, self.cfg, tensors, tokenizer_dir=self.model_dir)
+        base = self.model_dir / "config.json" if self.model_dir else None
+        base_config = json.loads(base.read_text()) if base and base.is_file() else None
+        save_hf_checkpoint(
+            out, self.cfg, tensors, tokenizer_dir=self.model_dir, base_config=base_config
+        )
         p = self.options.pipeline
         save_training_state(
-            out, step=step, data_position=step * p.num_micro_batches, rng={"seed": p.seed},
+            out / STATE_DIR, step=step, data_position=step * p.num_micro_batches, rng={"seed": p.seed},
             optimizer=optimizer,
             meta={"run_id": self.run_id, "model": json.loads(self.cfg.to_json()),
                   "schedule": p.schedule, "micro_batches": p.num_micro_batches,

@@ -48,6 +48,8 @@ class TrainingProgress:
     # ---- fed by the driver ----
     def set_state(self, state: str) -> None:
         with self._lock:
+            if state == "training" and not self.history and self.state != "training":
+                self.started = time.monotonic()  # elapsed_s counts from the first iteration
             self.state = state
         if self._bar is not None:
             self._bar.set_description_str(state[:40])
@@ -103,6 +105,13 @@ class TrainingProgress:
             shown["busy"] = " ".join(f"{v:.0%}" for v in busy.values())
             self._bar.set_postfix(shown, refresh=True)
         return record
+
+    def evaluated(self, step: int, eval_loss: float) -> None:
+        """An evaluation outside a step (the one before training starts)."""
+        with self._lock:
+            self.eval_loss = eval_loss
+        log.info("eval loss at step %d: %.4f", step, eval_loss)
+        self._write({"event": "eval", "step": step, "eval_loss": round(eval_loss, 6)})
 
     def done(self, steps: int, checkpoint: Path | None) -> None:
         self.set_state("done")

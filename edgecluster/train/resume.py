@@ -10,6 +10,7 @@ from edgecluster.model_config import ModelConfig
 from edgecluster.train.checkpoint import load_training_state
 
 log = logging.getLogger(__name__)
+STATE_DIR = "training_state"  # inside a checkpoint: optimizer, step, data position
 
 
 def find_latest_checkpoint(root: Path, cfg: ModelConfig) -> tuple[Path, int] | None:
@@ -19,9 +20,9 @@ def find_latest_checkpoint(root: Path, cfg: ModelConfig) -> tuple[Path, int] | N
         return None
     best: tuple[Path, int] | None = None
     for path in sorted(root.iterdir()):
-        if not (path / "training_state.json").is_file():
+        if not (path / STATE_DIR / "training_state.json").is_file():
             continue
-        state = load_training_state(path)
+        state = load_training_state(path / STATE_DIR)
         model = state.meta.get("model")
         if model is not None and model != json.loads(cfg.to_json()):
             raise ValueError(

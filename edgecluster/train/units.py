@@ -42,7 +42,7 @@ def state_to_named(
     for i, name in enumerate(names):
         optimizer[f"exp_avg/{name}"] = state[n + i]
         optimizer[f"exp_avg_sq/{name}"] = state[2 * n + i]
-        optimizer[f"step/{name}"] = state[3 * n]
+        optimizer[f"step/{name}"] = state[3 * n].clone()
     return params, optimizer
 
 
@@ -70,8 +70,9 @@ class Baseline:
         optimizer: Mapping[str, torch.Tensor] = {}
         if self.kind == "checkpoint":
             from edgecluster.train.checkpoint import load_training_state
+            from edgecluster.train.resume import STATE_DIR
 
-            optimizer = load_training_state(self.path).optimizer
+            optimizer = load_training_state(self.path / STATE_DIR).optimizer
         out: dict[int, list[torch.Tensor]] = {}
         for u in units:
             state = [weights[name].float() for name in names[u]]
