@@ -119,35 +119,43 @@ def _train(args: argparse.Namespace, options: Any) -> int:
     node = CoordinatorNode(config)
     http_stop = threading.Event()
     try:
+        run = _training_run(node, config, options)  # reads the data before agents start
         node.start()
         if not args.token:
             print(f"generated cluster token: {token}", flush=True)
         print(f"join a device:  edge-agent join {node.grpc_address} --token {token}", flush=True)
-        return _run(node, config, options, stop, http_stop)
+        return _run(node, run, options, stop, http_stop)
     finally:
         http_stop.set()
         node.stop()
 
 
-def _run(node: Any, config: Any, options: Any, stop: threading.Event, http_stop: Any) -> int:
+def _training_run(node: Any, config: Any, options: Any) -> Any:
     from edgecluster.net.datachannel import DataListener
     from edgecluster.net.grpc_util import open_channel
     from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
-    from edgecluster.runtime.coordinator import _serve_http
     from edgecluster.train.driver import TrainingRun
     from edgecluster.train.session import SessionLinks
 
-    listener = DataListener(config.host, config.data_port)
     links = SessionLinks(
-        listener=listener, host=config.host, token=config.token,
-        encrypt=config.tls.serves_tls, link_delay_ms=config.link_delay_ms,
+        listener=DataListener(config.host, config.data_port), host=config.host,
+        token=config.token, encrypt=config.tls.serves_tls, link_delay_ms=config.link_delay_ms,
         stub_for=lambda m: pb_grpc.AgentStub(open_channel(m.address, config.token, config.tls)),
     )  # fmt: skip
     try:
-        run = TrainingRun(
+        return TrainingRun(
             options, membership=node.membership, links=links, cache_dir=config.cache_dir,
             min_agents=config.min_agents,
         )  # fmt: skip
+    except BaseException:
+        links.listener.close()
+        raise
+
+
+def _run(node: Any, run: Any, options: Any, stop: threading.Event, http_stop: Any) -> int:
+    from edgecluster.runtime.coordinator import _serve_http
+
+    try:
         http = threading.Thread(
             target=lambda: asyncio.run(_serve_http(node, http_stop, training=run.progress.view)),
             name="http", daemon=True,
@@ -157,7 +165,7 @@ def _run(node: Any, config: Any, options: Any, stop: threading.Event, http_stop:
             return _dry_run_live(run, stop)
         final = run.run(stop)
     finally:
-        listener.close()
+        run._links.listener.close()
     if final is None:
         print("training stopped before its last step", file=sys.stderr)
         return 1

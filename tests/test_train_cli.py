@@ -76,7 +76,7 @@ def test_dry_run_prints_every_schedule_without_agents(tmp_path: Path) -> None:
 
 
 def test_resume_continues_bit_identically(tmp_path: Path) -> None:
-    model = save_tiny(tmp_path / "tiny", layers=2, tied=True)
+    model = save_tiny(tmp_path / "tiny", layers=2, tied=True, vocab=256)  # bytes
     common = ["--model", str(model), "--data", str(GENESIS), "--local", "1", "--schedule",
               "gpipe", "--stages", "2", "--micro-batches", "3", "--seq-len", "32",
               "--lr", "3e-3", "--eval-every", "2", "--eval-batches", "2"]  # fmt: skip

@@ -99,13 +99,13 @@ def batches(cfg: ModelConfig, count: int, micro: int, seq_len: int, seed: int) -
     return [torch.randint(0, cfg.vocab_size, (micro, seq_len + 1), generator=gen) for _ in range(count)]
 
 
-def save_tiny(path: Path, *, layers: int, tied: bool) -> Path:
+def save_tiny(path: Path, *, layers: int, tied: bool, vocab: int = 96) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(5)
     config = LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=96, max_position_embeddings=256,
+        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256,
         tie_word_embeddings=tied, rope_theta=10000.0,
     )  # fmt: skip
     AutoModelForCausalLM.from_config(config).save_pretrained(path)

@@ -118,21 +118,28 @@ class TrainingRun:
         )
         self._excluded: dict[str, float] = {}
         self.checkpoint_dir = options.checkpoint_dir or Path("edgecluster-checkpoints")
+        self.sampler: BatchSampler | None = None
+        if not options.dry_run:
+            self._read_data()
+
+    def _read_data(self) -> None:
+        """Tokenizes `--data` and holds out its tail: before any agent is waited for, so a
+        bad file or a tokenizer that does not fit fails at once."""
+        o, p = self.options, self.options.pipeline
+        tokenizer = tokenizer_for(self.model_dir, self.cfg)
+        data = prepare_tokens(load_texts(o.data), tokenizer, o.held_out_fraction)
+        self.progress.held_out = data.description()
+        log.info("data: %s", data.description())
+        self.sampler = BatchSampler(
+            data, seq_len=p.seq_len, micro_batch_size=p.micro_batch_size, seed=p.seed
+        )
+        self.held_out = self.sampler.eval_batches(o.eval_batches)
 
     # ---- the run ----
     def run(self, stop: threading.Event) -> Path | None:
         """Trains to `--steps`; returns the final checkpoint (None when stopped early)."""
-        o = self.options
-        self.progress.set_state("reading data")
-        tokenizer = tokenizer_for(self.model_dir, self.cfg)
-        data = prepare_tokens(load_texts(o.data), tokenizer, o.held_out_fraction)
-        self.progress.held_out = data.description()
-        log.info("data: %d training tokens; %s", data.train.numel(), data.description())
-        p = o.pipeline
-        sampler = BatchSampler(
-            data, seq_len=p.seq_len, micro_batch_size=p.micro_batch_size, seed=p.seed
-        )
-        held_out = sampler.eval_batches(o.eval_batches)
+        o, p, sampler, held_out = self.options, self.options.pipeline, self.sampler, self.held_out
+        assert sampler is not None, "a dry run trains nothing"
         step = self._resume_step()
         eval_round = 0
         while step < o.steps and not stop.is_set():
