@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +151,7 @@ def test_fine_tuning_smollm2_lowers_held_out_loss_and_serves(tmp_path: Path) -> 
     _run(
         _train_argv("--model", "smollm2-135m", "--data", str(GENESIS), "--local", "1",
                     "--schedule", "gpipe", "--stages", "2", "--micro-batches", "2",
-                    "--seq-len", "48", "--lr", "2e-4", "--steps", "4", "--eval-every", "4",
+                    "--seq-len", "32", "--lr", "2e-4", "--steps", "3", "--eval-every", "3",
                     "--eval-batches", "2", "--checkpoint-dir", "ck", "--log-json", "log.jsonl"),
         tmp_path,
         timeout_s=400,
@@ -186,7 +185,9 @@ def _serves(model_dir: Path, tmp_path: Path) -> None:
                 return False
 
         wait_until(ready, 240, "the fine-tuned model to be served")
-        body = json.dumps({"model": "x", "prompt": "In the beginning God created", "max_tokens": 8,
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/v1/models", timeout=5) as r:
+            name = json.loads(r.read())["data"][0]["id"]
+        body = json.dumps({"model": name, "prompt": "In the beginning God created", "max_tokens": 8,
                            "temperature": 0}).encode()  # fmt: skip
         request = urllib.request.Request(f"http://127.0.0.1:{http}/v1/completions", data=body,
                                          headers={"Content-Type": "application/json"})  # fmt: skip
@@ -199,4 +200,3 @@ def _serves(model_dir: Path, tmp_path: Path) -> None:
             server.wait(timeout=15)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
-        time.sleep(0)
