@@ -63,7 +63,8 @@ def _options(args: argparse.Namespace) -> Any:
     )  # fmt: skip
     return TrainOptions(
         model=args.model, data=tuple(args.data), pipeline=pipeline, steps=args.steps,
-        lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer, eval_every=args.eval_every,
+        lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
+        eval_every=args.eval_every,
         eval_batches=args.eval_batches, checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every, resume=args.resume, log_json=args.log_json,
         cluster_file=args.cluster, dry_run=args.dry_run, progress=not args.no_progress,

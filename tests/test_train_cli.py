@@ -64,8 +64,15 @@ def test_dry_run_prints_every_schedule_without_agents(tmp_path: Path) -> None:
     cluster = {"devices": devices, "default_link": {"latency_ms": 2, "bandwidth_mb_s": 50}}
     (tmp_path / "cluster.json").write_text(json.dumps(cluster))
     done = _run(
-        _train_argv("--model", "config.json", "--cluster", "cluster.json", "--dry-run",
-                    "--micro-batches", "6"),  # fmt: skip
+        _train_argv(
+            "--model",
+            "config.json",
+            "--cluster",
+            "cluster.json",
+            "--dry-run",
+            "--micro-batches",
+            "6",
+        ),  # fmt: skip
         tmp_path,
         timeout_s=120,
     )
@@ -85,7 +92,10 @@ def test_resume_continues_bit_identically(tmp_path: Path) -> None:
                      "--log-json", "resumed.jsonl"), tmp_path)  # fmt: skip
     _run(_train_argv(*common, "--steps", "4", "--resume", "--checkpoint-dir", "resumed",
                      "--log-json", "resumed.jsonl"), tmp_path)  # fmt: skip
-    straight, resumed = _steps(_log(tmp_path / "straight.jsonl")), _steps(_log(tmp_path / "resumed.jsonl"))
+    straight, resumed = (
+        _steps(_log(tmp_path / "straight.jsonl")),
+        _steps(_log(tmp_path / "resumed.jsonl")),
+    )
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
     for name in ("model.safetensors", "training_state/optimizer.safetensors"):
@@ -112,11 +122,16 @@ def test_killing_a_replica_loses_no_step(procs: ProcessPool, tmp_path: Path) -> 
         "--lr", "3e-3", "--steps", "40", "--eval-every", "0", "--log-json", "log.jsonl",
         "--checkpoint-dir", "ck",
     )  # fmt: skip
-    http_port, grpc_port = int(argv[argv.index("--port") + 1]), int(argv[argv.index("--grpc-port") + 1])
+    http_port, grpc_port = (
+        int(argv[argv.index("--port") + 1]),
+        int(argv[argv.index("--grpc-port") + 1]),
+    )
     coordinator = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
-        agents = {n: procs.agent(f"127.0.0.1:{grpc_port}", token="t", name=n) for n in ("ka", "kb", "kc")}
+        agents = {
+            n: procs.agent(f"127.0.0.1:{grpc_port}", token="t", name=n) for n in ("ka", "kb", "kc")
+        }
         log = tmp_path / "log.jsonl"
         wait_until(lambda: log.exists() and len(_steps(_log(log))) >= 3, 120, "3 training steps")
         view = _training_view(http_port)
@@ -177,6 +192,7 @@ def _serves(model_dir: Path, tmp_path: Path) -> None:
     server = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
+
         def ready() -> bool:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{http}/health", timeout=2) as r:

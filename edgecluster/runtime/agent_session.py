@@ -1,4 +1,4 @@
-"""An agent's session: its shard loaded (or, training, its stages), its links open, its loop running.
+"""An agent's session: its shard (or its training stages), its links, its loop running.
 
 At most one session at a time; opening a new one closes the old. The shard is
 loaded before `open` returns (so a missing or corrupt shard is reported to the

@@ -9,12 +9,14 @@ the coordinator has interrupted every other agent, so the caller can re-plan.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -69,7 +71,7 @@ class TrainingSession:
         self._links = links
         self.session_id = uuid.uuid4().hex
         assert links.stub_for is not None
-        self._stubs = {mem.id: links.stub_for(mem) for mem in members}
+        self._stubs: dict[str, pb_grpc.AgentStub] = {mem.id: links.stub_for(mem) for mem in members}
         self.comm = self._open()
         self.mbox = Mailbox(self.comm)
         self.comm.begin_step()
@@ -91,7 +93,9 @@ class TrainingSession:
             )  # fmt: skip
             return self._stubs[member.id].OpenSession(request, timeout=OPEN_DEADLINE_S)
 
-        calls = {mem.id: (lambda r=r, mem=mem: open_on(r, mem)) for r, mem in enumerate(self.members, 1)}
+        calls: dict[str, Callable[[], pb.AgentStatus]] = {
+            mem.id: partial(open_on, r, mem) for r, mem in enumerate(self.members, 1)
+        }
         try:
             call_all(calls, {mem.id: mem.name for mem in self.members}, "OpenSession")
             config = SessionConfig(
@@ -201,7 +205,9 @@ class TrainingSession:
         return loss_sum / max(tokens, 1.0)
 
     def _command(self, rank: int, command: int, step: int, arg: int) -> None:
-        self.mbox.send(rank, (m.CMD, 0, 0, 0), torch.tensor([command, step, arg], dtype=torch.int64))
+        self.mbox.send(
+            rank, (m.CMD, 0, 0, 0), torch.tensor([command, step, arg], dtype=torch.int64)
+        )
 
     def interrupt(self, reason: str) -> None:
         self.mbox.interrupt_all(reason)
@@ -209,10 +215,8 @@ class TrainingSession:
     def close(self, *, stop: bool) -> None:
         if stop:
             for rank in self.spec.ranks:
-                try:
+                with contextlib.suppress(Exception):  # closing anyway
                     self._command(rank, m.STOP, 0, 0)
-                except Exception:  # noqa: BLE001 - closing anyway
-                    pass
         self.mbox.close()
         self.comm.close()
         self._links.listener.forget(self.session_id)
