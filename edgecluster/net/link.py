@@ -22,15 +22,21 @@ communicator while a step runs): a read that sees no byte, frame or KEEPALIVE, f
 that long raises PeerLostError naming the silent peer. KEEPALIVE frames are skipped
 by every receive.
 
-An optional per-link delay (`link_delay_ms`, default from EDGE_LINK_DELAY_MS)
-emulates a slow link: the receiver holds each frame until `sent_at + delay`, so the
-sender is never blocked, as on a real link. Same-machine only (monotonic clock).
+Link emulation (`LinkEmulation`: a one-way delay and a bandwidth, per direction,
+applied by the receiving end; `link_delay_ms` defaults from EDGE_LINK_DELAY_MS)
+makes a fast link behave like a slow one: a frame of n bytes sent at t is released
+no earlier than t + delay + n / bandwidth, and frames are released in order through
+one transfer at a time (the next frame's transfer starts when the previous one's
+ended: a "link free at" clock), so the sender is never blocked, as on a real link.
+Same-machine only: sent-at stamps are CLOCK_MONOTONIC. Without emulation a frame
+costs one attribute test.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import select
 import socket
@@ -38,6 +44,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
 import torch
@@ -82,6 +89,31 @@ def default_link_delay_ms() -> float:
     return 0.0 if value is None else value
 
 
+@dataclass(frozen=True, kw_only=True)
+class LinkEmulation:
+    """One direction of an emulated link, applied where its frames are received."""
+
+    delay_ms: float = 0.0  # one way
+    bandwidth_bytes_per_s: float = 0.0  # 0: unlimited
+
+    def __post_init__(self) -> None:
+        for what, value in (
+            ("delay_ms", self.delay_ms),
+            ("bandwidth_bytes_per_s", self.bandwidth_bytes_per_s),
+        ):
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(
+                    f"link emulation {what} must be a finite number >= 0 (0: none), got {value}"
+                )
+
+    @property
+    def active(self) -> bool:
+        return bool(self.delay_ms or self.bandwidth_bytes_per_s)
+
+
+NO_EMULATION = LinkEmulation()
+
+
 class Link:
     """One authenticated TCP stream to a peer rank. Not thread-safe per direction."""
 
@@ -91,6 +123,7 @@ class Link:
         peer: str,
         *,
         link_delay_ms: float = 0.0,
+        bandwidth_bytes_per_s: float = 0.0,
         limits: TensorLimits = DEFAULT_LIMITS,
         spin_us: float | None = None,
     ) -> None:
@@ -99,12 +132,24 @@ class Link:
         self.sock = sock
         self.peer = peer
         self._reader = SocketReader(sock, int(spin_us * 1000))
-        self._delay_ns = int(link_delay_ms * 1e6)
+        self.emulate(
+            LinkEmulation(delay_ms=link_delay_ms, bandwidth_bytes_per_s=bandwidth_bytes_per_s)
+        )
         self._headers = RawHeaderReader(limits)
         self._send_lock = threading.Lock()
         self._seal: FrameSeal | None = None  # set once the handshake proved the key
         self.deadline_s: float | None = None  # a read waits at most this long for a byte
         self.last_sent = self.last_received = time.monotonic()
+
+    def emulate(self, emulation: LinkEmulation) -> None:
+        """Frames received from now on are held as `emulation` says (see the module doc).
+        Call before the link is read from, or between reads of the same thread."""
+        self.emulation = emulation
+        self._emulated = emulation.active
+        self._delay_ns = int(emulation.delay_ms * 1e6)
+        rate = emulation.bandwidth_bytes_per_s
+        self._ns_per_byte = 1e9 / rate if rate else 0.0
+        self._free_at_ns = 0  # when the emulated link ends its last frame's transfer
 
     def protect(self, seal: FrameSeal) -> None:
         """From now on every frame either way carries a tag (and is sealed, in AEAD)."""
@@ -222,7 +267,8 @@ class Link:
             self._refuse(f"undecodable frame ({exc})")
         if frame.kind == pb.Frame.ERROR:
             raise _reported_error(self.peer, frame.message)
-        self._hold_until(frame.sent_at_ns)
+        if self._emulated:
+            self._hold(frame.sent_at_ns, total)
         return frame
 
     def _recv_tensor(self, view: memoryview, clear: int) -> torch.Tensor:
@@ -247,8 +293,8 @@ class Link:
             payload = self._open_frame(view[:total], clear)
         tensor = tensor_from_bytes(payload, dtype, shape)
         self._reader.skip(total)
-        if self._delay_ns:
-            self._hold_until(sent_at_ns)
+        if self._emulated:
+            self._hold(sent_at_ns, total)
         return tensor
 
     def _recv_large_tensor(
@@ -269,7 +315,8 @@ class Link:
             raise PeerLostError(self.peer, "connection closed mid-tensor")
         if self._seal is not None:
             self._open(lambda seal: seal.open_tensor(head, into, self._tag()))
-        self._hold_until(sent_at_ns)
+        if self._emulated:
+            self._hold(sent_at_ns, clear + len(into) + (TAG_BYTES if self._seal is not None else 0))
         return tensor
 
     def _open_frame(self, frame: memoryview, clear: int) -> memoryview | bytes:
@@ -302,12 +349,15 @@ class Link:
             self.peer, f"no data or keepalive from {self.peer} for {seconds} s: stopped or hung"
         )
 
-    def _hold_until(self, sent_at_ns: int) -> None:
-        """Emulated link delay: a frame is readable `link_delay_ms` after it was sent."""
-        if self._delay_ns:
-            wait_ns = sent_at_ns + self._delay_ns - time.monotonic_ns()
-            if wait_ns > 0:
-                time.sleep(wait_ns / 1e9)
+    def _hold(self, sent_at_ns: int, num_bytes: int) -> None:
+        """Emulation: returns once the frame sent at `sent_at_ns` would have arrived over
+        the emulated link: its transfer starts when it was sent or when the previous
+        frame's ended, whichever is later, takes num_bytes / bandwidth, then the delay."""
+        start_ns = max(sent_at_ns, self._free_at_ns)
+        self._free_at_ns = start_ns + int(num_bytes * self._ns_per_byte)
+        wait_ns = self._free_at_ns + self._delay_ns - time.monotonic_ns()
+        if wait_ns > 0:
+            time.sleep(wait_ns / 1e9)
 
     def _read(self, size: int) -> bytes:
         view = self._peek(size)
