@@ -145,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--memory-limit", help="memory this coordinator may use, e.g. 1GiB")
     serve.add_argument("--link-delay-ms", type=float, help="inject per-link delay (experiments)")
+    serve.add_argument(
+        "--cluster",
+        metavar="FILE",
+        default=os.environ.get("EDGE_CLUSTER_FILE") or None,
+        help="emulate the links of this cluster file: per pair of agents (by --name; the "
+        "coordinator is 'coordinator') its latency and bandwidth (experiments; env "
+        "EDGE_CLUSTER_FILE)",
+    )
     serve.add_argument("--log-level", default="INFO")
     _tls_args(serve)
     status = sub.add_parser("status", help="list the cluster's agents")
@@ -177,6 +185,7 @@ def _serve_config(args: argparse.Namespace, token: str, api_key: str | None) -> 
         kv_budget_tokens=args.kv_budget,
         memory_limit_bytes=parse_size(args.memory_limit) if args.memory_limit else 0,
         link_delay_ms=delay,
+        cluster_file=args.cluster,
         tls=TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca),
         cache_dir=cache_root(),
         **http_api_fields(args, api_key),
