@@ -240,6 +240,16 @@ class Communicator:
             raise
         how = "sealed (AEAD)" if config.encrypt else "authenticated (MAC)"
         log.info("session %s: %d links, frames %s", config.session_id[:8], len(links), how)
+        emulated = [
+            f"{names[peer]} {e.delay_ms:g} ms, "
+            + (f"{e.bandwidth_bytes_per_s / MB:g} MB/s" if e.bandwidth_bytes_per_s else "unlimited")
+            for peer, e in ((peer, link.emulation) for peer, link in links.items())
+            if e.active
+        ]
+        if emulated:
+            log.info(
+                "session %s: emulated links from %s", config.session_id[:8], "; ".join(emulated)
+            )
         return cls(config, links)
 
     def link(self, rank: int) -> Link:

@@ -35,14 +35,13 @@ from edgecluster.net.frame_seal import (
 )
 from edgecluster.net.link import (  # re-exported: the data channel's public names
     MAX_FRAME_BYTES,
-    NO_EMULATION,
     Link,
-    LinkEmulation,
     default_link_delay_ms,
     send_tensor_to,
     tensor_packet,
     wait_any,
 )
+from edgecluster.net.link_emulation import NO_EMULATION, LinkEmulation
 from edgecluster.net.pb import edgecluster_pb2 as pb
 
 __all__ = [

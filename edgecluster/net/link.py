@@ -22,21 +22,16 @@ communicator while a step runs): a read that sees no byte, frame or KEEPALIVE, f
 that long raises PeerLostError naming the silent peer. KEEPALIVE frames are skipped
 by every receive.
 
-Link emulation (`LinkEmulation`: a one-way delay and a bandwidth, per direction,
-applied by the receiving end; `link_delay_ms` defaults from EDGE_LINK_DELAY_MS)
-makes a fast link behave like a slow one: a frame of n bytes sent at t is released
-no earlier than t + delay + n / bandwidth, and frames are released in order through
-one transfer at a time (the next frame's transfer starts when the previous one's
-ended: a "link free at" clock), so the sender is never blocked, as on a real link.
-Same-machine only: sent-at stamps are CLOCK_MONOTONIC. Without emulation a frame
-costs one attribute test.
+Link emulation (`Link.emulate`; `link_delay_ms` defaults from EDGE_LINK_DELAY_MS)
+makes a fast link behave like a slow one: each frame received is held until it would
+have arrived over a link of that delay and bandwidth (link_emulation.py). Same-machine
+only: sent-at stamps are CLOCK_MONOTONIC. Without emulation a frame costs one test.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import select
 import socket
@@ -44,7 +39,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
 import torch
@@ -63,6 +57,7 @@ from edgecluster.net.frame_seal import (
     FrameForgedError,
     FrameSeal,
 )
+from edgecluster.net.link_emulation import ArrivalClock, LinkEmulation
 from edgecluster.net.pb import edgecluster_pb2 as pb
 from edgecluster.net.polling_reader import (
     ReadDeadlineError,
@@ -87,31 +82,6 @@ _LOST_PREFIX = "PEER_LOST "  # ERROR frame: "PEER_LOST <name>\n<detail>", a lost
 def default_link_delay_ms() -> float:
     value = env_amount("EDGE_LINK_DELAY_MS", "milliseconds")
     return 0.0 if value is None else value
-
-
-@dataclass(frozen=True, kw_only=True)
-class LinkEmulation:
-    """One direction of an emulated link, applied where its frames are received."""
-
-    delay_ms: float = 0.0  # one way
-    bandwidth_bytes_per_s: float = 0.0  # 0: unlimited
-
-    def __post_init__(self) -> None:
-        for what, value in (
-            ("delay_ms", self.delay_ms),
-            ("bandwidth_bytes_per_s", self.bandwidth_bytes_per_s),
-        ):
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(
-                    f"link emulation {what} must be a finite number >= 0 (0: none), got {value}"
-                )
-
-    @property
-    def active(self) -> bool:
-        return bool(self.delay_ms or self.bandwidth_bytes_per_s)
-
-
-NO_EMULATION = LinkEmulation()
 
 
 class Link:
@@ -145,11 +115,7 @@ class Link:
         """Frames received from now on are held as `emulation` says (see the module doc).
         Call before the link is read from, or between reads of the same thread."""
         self.emulation = emulation
-        self._emulated = emulation.active
-        self._delay_ns = int(emulation.delay_ms * 1e6)
-        rate = emulation.bandwidth_bytes_per_s
-        self._ns_per_byte = 1e9 / rate if rate else 0.0
-        self._free_at_ns = 0  # when the emulated link ends its last frame's transfer
+        self._arrival = ArrivalClock(emulation) if emulation.active else None
 
     def protect(self, seal: FrameSeal) -> None:
         """From now on every frame either way carries a tag (and is sealed, in AEAD)."""
@@ -267,8 +233,8 @@ class Link:
             self._refuse(f"undecodable frame ({exc})")
         if frame.kind == pb.Frame.ERROR:
             raise _reported_error(self.peer, frame.message)
-        if self._emulated:
-            self._hold(frame.sent_at_ns, total)
+        if self._arrival is not None:
+            self._arrival.hold(frame.sent_at_ns, total)
         return frame
 
     def _recv_tensor(self, view: memoryview, clear: int) -> torch.Tensor:
@@ -293,8 +259,8 @@ class Link:
             payload = self._open_frame(view[:total], clear)
         tensor = tensor_from_bytes(payload, dtype, shape)
         self._reader.skip(total)
-        if self._emulated:
-            self._hold(sent_at_ns, total)
+        if self._arrival is not None:
+            self._arrival.hold(sent_at_ns, total)
         return tensor
 
     def _recv_large_tensor(
@@ -315,8 +281,9 @@ class Link:
             raise PeerLostError(self.peer, "connection closed mid-tensor")
         if self._seal is not None:
             self._open(lambda seal: seal.open_tensor(head, into, self._tag()))
-        if self._emulated:
-            self._hold(sent_at_ns, clear + len(into) + (TAG_BYTES if self._seal is not None else 0))
+        if self._arrival is not None:
+            tag_bytes = TAG_BYTES if self._seal is not None else 0
+            self._arrival.hold(sent_at_ns, clear + len(into) + tag_bytes)
         return tensor
 
     def _open_frame(self, frame: memoryview, clear: int) -> memoryview | bytes:
@@ -348,16 +315,6 @@ class Link:
         return PeerLostError(
             self.peer, f"no data or keepalive from {self.peer} for {seconds} s: stopped or hung"
         )
-
-    def _hold(self, sent_at_ns: int, num_bytes: int) -> None:
-        """Emulation: returns once the frame sent at `sent_at_ns` would have arrived over
-        the emulated link: its transfer starts when it was sent or when the previous
-        frame's ended, whichever is later, takes num_bytes / bandwidth, then the delay."""
-        start_ns = max(sent_at_ns, self._free_at_ns)
-        self._free_at_ns = start_ns + int(num_bytes * self._ns_per_byte)
-        wait_ns = self._free_at_ns + self._delay_ns - time.monotonic_ns()
-        if wait_ns > 0:
-            time.sleep(wait_ns / 1e9)
 
     def _read(self, size: int) -> bytes:
         view = self._peek(size)
