@@ -49,7 +49,6 @@ def add_train_parser(sub: Any) -> None:
     train.add_argument("--dry-run", action="store_true", help="print the plan; train nothing")
     train.add_argument("--json", action="store_true", help="--dry-run: the plans as JSON")
     train.add_argument("--log-json", type=Path, help="append one JSON object per step here")
-    train.add_argument("--cluster", type=Path, help="cluster file: devices and links (JSON)")
     train.add_argument("--no-progress", action="store_true", help="no live bar on stderr")
 
 
@@ -138,8 +137,11 @@ def _training_run(node: Any, config: Any, options: Any) -> Any:
     from edgecluster.train.driver import TrainingRun
     from edgecluster.train.session import SessionLinks
 
+    from edgecluster.plan.cluster_file import load_links
+
     links = SessionLinks(
         listener=DataListener(config.host, config.data_port), host=config.host,
+        link_table=load_links(config.cluster_file) if config.cluster_file else None,
         token=config.token, encrypt=config.tls.serves_tls, link_delay_ms=config.link_delay_ms,
         stub_for=lambda m: pb_grpc.AgentStub(open_channel(m.address, config.token, config.tls)),
     )  # fmt: skip

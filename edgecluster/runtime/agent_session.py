@@ -84,6 +84,8 @@ class SessionRequest:
                 endpoints=tuple(m.endpoints),
                 algorithm=m.algorithm or "star",
                 link_delay_ms=m.link_delay_ms,
+                link_delays_ms=tuple(m.link_delays_ms),
+                link_bandwidths_mb_s=tuple(m.link_bandwidths_mb_s),
                 encrypt=m.encrypt_data,
             ),
             shard_key=m.shard_key,

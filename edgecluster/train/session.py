@@ -24,6 +24,7 @@ from edgecluster.comm.communicator import Communicator, SessionConfig
 from edgecluster.comm.mailbox import Mailbox
 from edgecluster.model_config import ModelConfig
 from edgecluster.net.auth import derive_session_key
+from edgecluster.plan.cluster_file import LinkTable, incoming_links, link_matrix
 from edgecluster.net.datachannel import DataListener
 from edgecluster.net.pb import edgecluster_pb2 as pb
 from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
@@ -57,6 +58,7 @@ class SessionLinks:
     token: str
     encrypt: bool = False
     link_delay_ms: float = 0.0
+    link_table: LinkTable | None = None  # --cluster FILE: per-pair latency and bandwidth
     stub_for: Callable[[MemberInfo], pb_grpc.AgentStub] | None = None
 
 
@@ -82,6 +84,10 @@ class TrainingSession:
         endpoints = [f"{mem.address.rpartition(':')[0]}:{mem.data_port}" for mem in self.members]
         links.listener.expect(self.session_id, key, links.link_delay_ms, links.encrypt)
         training_json = self.spec.to_json()
+        matrix = link_matrix(links.link_table, self.names) if links.link_table else None
+
+        def incoming(rank: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+            return ((), ()) if matrix is None else incoming_links(matrix, rank)
 
         def open_on(rank: int, member: MemberInfo) -> pb.AgentStatus:
             hub = f"{reachable_host(links.host, member.address)}:{links.listener.port}"
@@ -89,6 +95,7 @@ class TrainingSession:
                 session_id=self.session_id, key_salt=salt, encrypt_data=links.encrypt,
                 rank=rank, endpoints=[hub, *endpoints], algorithm="ring",
                 compute_dtype="float32", link_delay_ms=links.link_delay_ms,
+                link_delays_ms=incoming(rank)[0], link_bandwidths_mb_s=incoming(rank)[1],
                 peer_names=self.names, kind="training", training_json=training_json,
             )  # fmt: skip
             return self._stubs[member.id].OpenSession(request, timeout=OPEN_DEADLINE_S)
@@ -101,7 +108,8 @@ class TrainingSession:
             config = SessionConfig(
                 session_id=self.session_id, session_key=key, encrypt=links.encrypt, rank=0,
                 endpoints=(f"{links.host}:{links.listener.port}", *endpoints),
-                link_delay_ms=links.link_delay_ms,
+                link_delay_ms=links.link_delay_ms, link_delays_ms=incoming(0)[0],
+                link_bandwidths_mb_s=incoming(0)[1],
             )  # fmt: skip
             return Communicator.connect(config, links.listener, self.names)
         except (AgentCallsFailed, Exception):
