@@ -134,10 +134,9 @@ def _training_run(node: Any, config: Any, options: Any) -> Any:
     from edgecluster.net.datachannel import DataListener
     from edgecluster.net.grpc_util import open_channel
     from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
+    from edgecluster.plan.cluster_file import load_links
     from edgecluster.train.driver import TrainingRun
     from edgecluster.train.session import SessionLinks
-
-    from edgecluster.plan.cluster_file import load_links
 
     links = SessionLinks(
         listener=DataListener(config.host, config.data_port), host=config.host,

@@ -24,10 +24,10 @@ from edgecluster.comm.communicator import Communicator, SessionConfig
 from edgecluster.comm.mailbox import Mailbox
 from edgecluster.model_config import ModelConfig
 from edgecluster.net.auth import derive_session_key
-from edgecluster.plan.cluster_file import LinkTable, incoming_links, link_matrix
 from edgecluster.net.datachannel import DataListener
 from edgecluster.net.pb import edgecluster_pb2 as pb
 from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
+from edgecluster.plan.cluster_file import LinkTable, incoming_links, link_matrix
 from edgecluster.runtime.agent import reachable_host
 from edgecluster.runtime.agent_calls import AgentCallsFailed, call_all, close_sessions
 from edgecluster.train import spec as m
