@@ -9,6 +9,8 @@ micro-batches that visited it, computed through the same layer order in one proc
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from tests.procs import ProcessPool, module_procs  # noqa: F401 (fixture)
 from tests.train_harness import TrainHarness, batches, cluster, hand_plan, save_tiny
 
 AGENTS = ("ta", "tb", "tc", "td")
+GENESIS = Path(__file__).parent / "data" / "kjv_genesis_1_2.txt"
 MICRO, SEQ, M, STEPS = 2, 16, 4, 3
 # AdamW's first step is about lr * sign(gradient): with a tiny eps, float noise in a
 # near-zero gradient flips a whole update. A larger eps keeps the comparison smooth.
@@ -227,3 +230,39 @@ def test_skip_and_swap_paths_give_each_stage_its_visitors_gradient(
         moved = float((after[name] - before[name]).abs().max() / before[name].abs().max())
         assert moved > 1e-3, f"{name}: the step is too small for the check to mean anything"
     assert spec.visits(1) == spec.visits(2) == spec.visits(3) == 2
+
+
+def _run(
+    harness: TrainHarness, model: Path, tmp: Path, name: str, steps: int, resume: bool
+) -> Path:
+    from edgecluster.train.driver import TrainingRun
+    from edgecluster.train.options import TrainOptions
+
+    options = TrainOptions(
+        model=str(model), data=(GENESIS,), steps=steps, lr=3e-3, eval_every=2, eval_batches=2,
+        pipeline=PipelineOptions(schedule="gpipe", num_stages=2, micro_batch_size=1,
+                                 num_micro_batches=3, seq_len=32),
+        checkpoint_dir=tmp / name, resume=resume, log_json=tmp / f"{name}.jsonl", progress=False,
+    )  # fmt: skip
+    run = TrainingRun(options, membership=harness.node.membership, links=harness.links,
+                      cache_dir=tmp / "cache", min_agents=len(AGENTS))  # fmt: skip
+    final = run.run(threading.Event())
+    assert final is not None
+    return final
+
+
+def test_resume_continues_bit_identically(harness: TrainHarness, tmp_path: Path) -> None:
+    model = save_tiny(tmp_path / "tiny", layers=2, tied=True, vocab=256)  # byte-level text
+    straight = _run(harness, model, tmp_path, "straight", 4, resume=False)
+    _run(harness, model, tmp_path, "resumed", 2, resume=False)
+    resumed = _run(harness, model, tmp_path, "resumed", 4, resume=True)
+    logs = {}
+    for name in ("straight", "resumed"):
+        lines = (tmp_path / f"{name}.jsonl").read_text().splitlines()
+        logs[name] = [json.loads(line) for line in lines]
+    steps = [r for r in logs["resumed"] if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [r["loss"] for r in steps] == [r["loss"] for r in logs["straight"] if "loss" in r]
+    for name in ("model.safetensors", "training_state/optimizer.safetensors"):
+        a, b = (straight / name).read_bytes(), (resumed / name).read_bytes()
+        assert a == b, f"{name} differs between the straight and the resumed run"
