@@ -34,6 +34,7 @@ from edgecluster.model_config import ModelConfig
 from edgecluster.plan.cluster_file import ClusterSpec, DeviceSpec, LinkSpec, load_cluster_file
 from edgecluster.plan.pipeline import PipelinePlan, compare_schedules, plan_pipeline
 from edgecluster.plan.pipeline_describe import describe_plan
+from edgecluster.runtime.agent_calls import AgentCallsFailed
 from edgecluster.runtime.membership import Membership
 from edgecluster.train.checkpoint import save_hf_checkpoint, save_training_state
 from edgecluster.train.data import BatchSampler, load_texts, prepare_tokens, tokenizer_for
@@ -152,7 +153,9 @@ class TrainingRun:
             if members is None:
                 return None
             plan, ranked = self._plan(members)
-            session = TrainingSession(self._links, self._spec(plan, ranked), ranked)
+            session = self._open(plan, ranked)
+            if session is None:
+                continue  # an agent did not take its part: planned again without it
             try:
                 step = self._place(session, step)
                 if o.eval_every and eval_round == 0:  # where the run starts from
@@ -169,10 +172,14 @@ class TrainingRun:
                     self.progress.stepped(result, eval_loss)
                     if o.checkpoint_every and step % o.checkpoint_every == 0 and step < o.steps:
                         self._checkpoint(session, step, f"step-{step:06d}")
-                final = self._checkpoint(session, step, "final") if step >= o.steps else None
+                if step < o.steps:  # stopped (Ctrl-C): keep what was done, for --resume
+                    saved = self._checkpoint(session, step, f"step-{step:06d}")
+                    session.close(stop=True)
+                    self.progress.event(f"stopped at step {step}; --resume goes on from {saved}")
+                    return None
+                final = self._checkpoint(session, step, "final")
                 session.close(stop=True)
-                if final is not None:
-                    self.progress.done(step, final)
+                self.progress.done(step, final)
                 return final
             except PeerLostError as exc:
                 session.interrupt(str(exc))
@@ -183,6 +190,22 @@ class TrainingRun:
                 session.interrupt("the coordinator stopped")
                 session.close(stop=False)
                 raise
+        return None
+
+    def _open(self, plan: PipelinePlan, ranked: list[MemberInfo]) -> TrainingSession | None:
+        """The plan's session; None (the agents that failed to open it are left out for
+        a while) when an agent refused it, missed its deadline or did not connect."""
+        try:
+            return TrainingSession(self._links, self._spec(plan, ranked), ranked)
+        except AgentCallsFailed as exc:
+            failed = [f.name for f in exc.failures]
+            reason = str(exc)
+        except PeerLostError as exc:
+            failed, reason = [exc.peer], str(exc)
+        now = time.monotonic()
+        for name in failed:
+            self._excluded[name] = now
+        self.progress.event(f"re-planning without {', '.join(failed)}: {reason}")
         return None
 
     def _resume_step(self) -> int:
