@@ -4,7 +4,7 @@
 an `EmulatedDevice` called `name` (cgroup v1 memory cap, CPU quota, read throttle on
 the disk holding `work_dir`) and starts `argv` inside it, in its own process group,
 its output in `work_dir/NAME.log`. On exit, in reverse order of start, every process
-group gets SIGTERM then SIGKILL and every device's groups are removed, also when the
+group gets SIGTERM (all at once) then SIGKILL and every device's groups are removed, also when the
 caller unwinds from an exception or Ctrl-C. `check_alive` raises, naming the process
 that exited (and whether the kernel OOM-killed it) with the tail of its log; `rss`
 samples each process's resident memory by kind while it runs.
@@ -13,10 +13,11 @@ samples each process's resident memory by kind while it runs.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -71,6 +72,10 @@ class DeviceProcesses:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        for p in self.processes:  # all at once: each group's grace period then overlaps
+            if p.proc.poll() is None:
+                with suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
         self._stack.__exit__(exc_type, exc, tb)
 
     def start(
