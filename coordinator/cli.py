@@ -103,17 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--model", default="none", help="none | smollm2-135m | checkpoint dir | .gguf"
     )
-    serve.add_argument("--local", type=int, default=0, help="start N local agents as children")
-    serve.add_argument(
-        "--host", default="127.0.0.1", help="address for gRPC and data links (0.0.0.0: all)"
-    )
-    add_http_api_args(serve)
-    serve.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
-    serve.add_argument("--data-port", type=int, default=0, help="data-channel port (default: any)")
-    serve.add_argument("--token", default=os.environ.get("EDGE_TOKEN"), help="cluster token")
-    serve.add_argument("--peers", default="", help="agents to invite, host:port,...")
-    serve.add_argument("--no-mdns", action="store_true")
-    serve.add_argument("--min-agents", type=int, help="agents to wait for (default: --local or 1)")
+    add_cluster_args(serve)
     serve.add_argument(
         "--weights",
         metavar="fp32|bf16|int8|int4",
@@ -144,31 +134,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-context, halved down to 256 until the tightest agent has room)",
     )
     serve.add_argument("--memory-limit", help="memory this coordinator may use, e.g. 1GiB")
-    serve.add_argument("--link-delay-ms", type=float, help="inject per-link delay (experiments)")
-    serve.add_argument("--log-level", default="INFO")
-    _tls_args(serve)
     status = sub.add_parser("status", help="list the cluster's agents")
     status.add_argument("--coordinator", default=f"127.0.0.1:{DEFAULT_GRPC_PORT}")
     status.add_argument("--token", default=os.environ.get("EDGE_TOKEN"))
     status.add_argument("--json", action="store_true")
     _tls_args(status)
+    from coordinator.train_cli import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 
-def _serve_config(args: argparse.Namespace, token: str, api_key: str | None) -> CoordinatorConfig:
-    from edgecluster.net.datachannel import default_link_delay_ms
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    """The flags `serve` and `train` share: agents, addresses, token, API, TLS, logging."""
+    p.add_argument("--local", type=int, default=0, help="start N local agents as children")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address for gRPC and data links (0.0.0.0: all)"
+    )
+    add_http_api_args(p)
+    p.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
+    p.add_argument("--data-port", type=int, default=0, help="data-channel port (default: any)")
+    p.add_argument("--token", default=os.environ.get("EDGE_TOKEN"), help="cluster token")
+    p.add_argument("--peers", default="", help="agents to invite, host:port,...")
+    p.add_argument("--no-mdns", action="store_true")
+    p.add_argument("--min-agents", type=int, help="agents to wait for (default: --local or 1)")
+    p.add_argument("--link-delay-ms", type=float, help="inject per-link delay (experiments)")
+    p.add_argument("--log-level", default="INFO")
+    _tls_args(p)
 
-    delay = args.link_delay_ms if args.link_delay_ms is not None else default_link_delay_ms()
+
+def _serve_config(args: argparse.Namespace, token: str, api_key: str | None) -> CoordinatorConfig:
     return CoordinatorConfig(
-        token=token,
-        model=args.model,
-        host=args.host,
-        grpc_port=args.grpc_port,
-        data_port=args.data_port,
-        peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()),
-        mdns=not args.no_mdns,
-        local_agents=args.local,
-        min_agents=args.min_agents or max(1, args.local),
         dtype=args.dtype,
         weights=args.weights,
         storage_dtype=args.storage_dtype,
@@ -176,6 +172,27 @@ def _serve_config(args: argparse.Namespace, token: str, api_key: str | None) -> 
         kv_dtype=args.kv_dtype,
         kv_budget_tokens=args.kv_budget,
         memory_limit_bytes=parse_size(args.memory_limit) if args.memory_limit else 0,
+        **cluster_fields(args, token, api_key, model=args.model),
+    )
+
+
+def cluster_fields(
+    args: argparse.Namespace, token: str, api_key: str | None, *, model: str
+) -> dict[str, Any]:
+    """CoordinatorConfig fields of the flags `add_cluster_args` adds."""
+    from edgecluster.net.datachannel import default_link_delay_ms
+
+    delay = args.link_delay_ms if args.link_delay_ms is not None else default_link_delay_ms()
+    return dict(
+        token=token,
+        model=model,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        data_port=args.data_port,
+        peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()),
+        mdns=not args.no_mdns,
+        local_agents=args.local,
+        min_agents=args.min_agents or max(1, args.local),
         link_delay_ms=delay,
         tls=TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca),
         cache_dir=cache_root(),
@@ -334,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         configure_logging("coordinator", args.log_level)
         return cmd_serve(args)
+    if args.command == "train":
+        from coordinator.train_cli import cmd_train
+
+        configure_logging("coordinator", args.log_level)
+        return cmd_train(args)
     configure_logging("status", "WARNING")
     return cmd_status(args)
 

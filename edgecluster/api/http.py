@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -167,8 +168,10 @@ def build_app(
     backend: GenerationBackend | None,
     control: ControlView,
     options: ApiOptions | None = None,
+    training: Callable[[], dict[str, Any]] | None = None,
 ) -> web.Application:
-    """The API over a backend (None: `--model none`, control plane only)."""
+    """The API over a backend (None: `--model none`, control plane only); `training`
+    is the view of the training run `GET /v1/training` shows (None: no run here)."""
     options = options or ApiOptions()
     info = InfoHandlers(backend, control)
     completions = CompletionHandlers(backend, options)
@@ -191,6 +194,16 @@ def build_app(
     app.router.add_get("/v1/models/{model}", info.model)
     app.router.add_post("/v1/chat/completions", completions.chat)
     app.router.add_post("/v1/completions", completions.completions)
+
+    async def training_view(_: web.Request) -> web.Response:
+        if training is None:
+            return ApiError(
+                404, "no training run on this coordinator (start one with edge-coordinator train)",
+                code="no_training",
+            ).response()  # fmt: skip
+        return web.json_response(training())
+
+    app.router.add_get("/v1/training", training_view)
     return app
 
 

@@ -191,6 +191,17 @@ class Communicator:
     def link(self, rank: int) -> Link:
         return self._links[rank]
 
+    def peers(self) -> list[int]:
+        """The other ranks, ascending."""
+        return sorted(self._links)
+
+    def peer_name(self, rank: int) -> str:
+        """`rank`'s name for messages (the name its link was opened with)."""
+        if rank == self.rank:
+            return f"rank {rank} (this one)"
+        link = self._links.get(rank)
+        return link.peer if link is not None else f"rank {rank}"
+
     # ---- liveness ----
     @contextlib.contextmanager
     def step(self) -> Iterator[None]:
@@ -382,6 +393,10 @@ class Communicator:
         for peer, link in pending.items():
             if link.deadline_s is not None and now - heard[peer] >= link.deadline_s:
                 raise link.silent()
+
+    def abort(self, lost: PeerLostError) -> None:
+        """Tells every other peer that `lost`'s peer was lost and closes the links."""
+        self._abort(lost)
 
     def _abort(self, lost: PeerLostError) -> None:
         """Tells every other peer which rank was lost and closes the links (once)."""

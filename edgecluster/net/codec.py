@@ -35,6 +35,7 @@ DTYPES: dict[str, torch.dtype] = {
     "int32": torch.int32,
     "uint8": torch.uint8,
     "int8": torch.int8,  # int8 weight matrices (weights.quant) in shard transfers
+    "float64": torch.float64,  # training's loss sums and timings
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # A raw header names its dtype by index here: append new dtypes, never reorder.
@@ -52,6 +53,7 @@ _NUMPY_DTYPES = {
     torch.int32: np.int32,
     torch.uint8: np.uint8,
     torch.int8: np.int8,
+    torch.float64: np.float64,
 }
 assert set(_NUMPY_DTYPES) == set(DTYPES.values()), "every dtype that travels needs a numpy twin"
 

@@ -1,4 +1,4 @@
-"""An agent's serving session: its shard loaded, its links open, its step loop running.
+"""An agent's session: its shard loaded (or, training, its stages), its links open, its loop running.
 
 At most one session at a time; opening a new one closes the old. The shard is
 loaded before `open` returns (so a missing or corrupt shard is reported to the
@@ -30,6 +30,8 @@ from edgecluster.net.auth import derive_session_key
 from edgecluster.net.datachannel import DataListener
 from edgecluster.net.pb import edgecluster_pb2 as pb
 from edgecluster.plan.streaming import choose_window
+from edgecluster.train.executor import run_training_session
+from edgecluster.train.spec import TrainingSpec
 from edgecluster.types import AgentRuntime
 from edgecluster.weights.shard_store import ShardStore
 from edgecluster.weights.streaming_store import StreamingWeights
@@ -49,6 +51,7 @@ class SessionRequest:
     kv_dtype: str = ""  # empty: the compute dtype
     kv_budget_tokens: int = 0  # KV positions reserved on this agent; 0: max_context
     peer_names: tuple[str, ...] = ()  # each rank's name, for logs (empty: unknown)
+    training: TrainingSpec | None = None  # a training session (no shard: stages instead)
 
     @property
     def kv_tokens(self) -> int:
@@ -66,8 +69,13 @@ class SessionRequest:
                 f"kv_budget_tokens ({m.kv_budget_tokens}) and max_context ({m.max_context}) "
                 "must not be negative"
             )
-        if not m.shard_key:
+        if m.kind not in ("", "serving", "training"):
+            raise ValueError(f"session kind {m.kind!r} is unknown (serving, training)")
+        training = TrainingSpec.from_json(m.training_json) if m.kind == "training" else None
+        if training is None and not m.shard_key:
             raise ValueError("a serving session needs a shard_key")
+        if training is not None and m.rank not in training.ranks:
+            raise ValueError(f"rank {m.rank} holds no stage of the training plan")
         return cls(
             comm=SessionConfig(
                 session_id=m.session_id,
@@ -85,6 +93,7 @@ class SessionRequest:
             kv_dtype=m.kv_dtype,
             kv_budget_tokens=m.kv_budget_tokens,
             peer_names=tuple(name[:64] for name in m.peer_names),
+            training=training,
         )
 
 
@@ -145,7 +154,7 @@ class AgentSessions:
         self.close(None)
         gc.collect()  # a session that ended on its own may still be freeing its shard
         release_free_memory()
-        executor = self._load(req)
+        executor = self._load(req) if req.training is None else None
         self._listener.expect(
             req.comm.session_id, req.comm.session_key, req.comm.link_delay_ms, req.comm.encrypt
         )
@@ -233,7 +242,7 @@ class AgentSessions:
             names.append(given or f"rank {rank} ({endpoint})")
         return Communicator.connect(cfg, self._listener, names)
 
-    def _serve(self, req: SessionRequest, executor: ShardExecutor) -> None:
+    def _serve(self, req: SessionRequest, executor: ShardExecutor | None) -> None:
         sid = req.comm.session_id
         try:
             comm = self._connect(req)
@@ -243,7 +252,11 @@ class AgentSessions:
         with self._lock:
             self._comm = comm
         try:
-            steps = run_agent_session(comm, executor)
+            if req.training is not None:
+                steps = run_training_session(comm, req.training)
+            else:
+                assert executor is not None
+                steps = run_agent_session(comm, executor)
             log.info("session %s ended after %d steps", sid[:8], steps)
         except (EdgeClusterError, ValueError) as exc:
             log.warning("session %s ended: %s", sid[:8], exc)

@@ -143,7 +143,9 @@ class CoordinatorNode:
         self.server.stop(grace=0.5)
 
 
-async def _serve_http(node: CoordinatorNode, stop: threading.Event) -> None:
+async def _serve_http(
+    node: CoordinatorNode, stop: threading.Event, training: Any = None
+) -> None:
     from edgecluster.api.http import ApiOptions, build_app, start_api_server
 
     cfg = node.config
@@ -153,7 +155,10 @@ async def _serve_http(node: CoordinatorNode, stop: threading.Event) -> None:
         max_body_bytes=cfg.max_body_bytes,
         request_timeout_s=cfg.request_timeout_s,
     )
-    app = build_app(backend=node.serving, control=ControlPlane(node.membership), options=options)
+    app = build_app(
+        backend=node.serving, control=ControlPlane(node.membership), options=options,
+        training=training,
+    )  # fmt: skip
     runner = await start_api_server(app, host=cfg.http_host, port=cfg.http_port)
     log.info(
         "HTTP API on http://%s:%d (%s)",

@@ -1,0 +1,1 @@
+"""Training: plain torch modules for pipeline stages, data, checkpoints and evaluation."""

@@ -1,0 +1,202 @@
+"""`edge-coordinator train` end to end: real coordinator and agent processes on loopback.
+
+- `--dry-run --cluster FILE` prints the plan and every schedule's simulated time;
+- a run interrupted after its checkpoint and `--resume`d gives the bit-identical
+  checkpoint and losses of an uninterrupted run;
+- killing one replica of a stage mid-run: training goes on over the survivors, no
+  step is applied twice or lost, and the loss keeps falling;
+- fine-tuning SmolLM2-135M on Genesis 1-2 (KJV, written by the test) lowers the
+  held-out loss, and the checkpoint loads in transformers and serves.
+The text is the King James Bible (public domain), kept in tests/data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.procs import ProcessPool, free_ports, procs, wait_until  # noqa: F401 (fixture)
+from tests.train_harness import save_tiny
+
+GENESIS = Path(__file__).parent / "data" / "kjv_genesis_1_2.txt"
+BYTE_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+    "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True,
+}  # fmt: skip
+
+
+def _train_argv(*args: str) -> list[str]:
+    http, grpc = free_ports(2)
+    return [
+        sys.executable, "-m", "coordinator.cli", "train", "--no-mdns", "--token", "t",
+        "--port", str(http), "--grpc-port", str(grpc), "--no-progress", *args,
+    ]  # fmt: skip
+
+
+def _run(argv: list[str], cwd: Path, timeout_s: float = 240) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout_s,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+    assert done.returncode == 0, f"train failed ({done.returncode}):\n{done.stderr[-3000:]}"
+    return done
+
+
+def _log(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _steps(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in log if "loss" in r]
+
+
+def test_dry_run_prints_every_schedule_without_agents(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(BYTE_CONFIG))
+    devices = [{"name": f"d{i}", "gflops": 5 + 5 * i, "memory": "2GiB", "cpu_quota": 0.5,
+                "disk_read_mb_s": 100} for i in range(4)]  # fmt: skip
+    cluster = {"devices": devices, "default_link": {"latency_ms": 2, "bandwidth_mb_s": 50}}
+    (tmp_path / "cluster.json").write_text(json.dumps(cluster))
+    done = _run(
+        _train_argv("--model", "config.json", "--cluster", "cluster.json", "--dry-run",
+                    "--micro-batches", "6"),  # fmt: skip
+        tmp_path,
+        timeout_s=120,
+    )
+    for schedule in ("gpipe", "1f1b", "random-skip", "skippipe"):
+        assert schedule in done.stdout, f"{schedule} missing from the dry run:\n{done.stdout}"
+    assert "Stages" in done.stdout and "d0" in done.stdout
+
+
+def test_resume_continues_bit_identically(tmp_path: Path) -> None:
+    model = save_tiny(tmp_path / "tiny", layers=2, tied=True, vocab=256)  # bytes
+    common = ["--model", str(model), "--data", str(GENESIS), "--local", "1", "--schedule",
+              "gpipe", "--stages", "2", "--micro-batches", "3", "--seq-len", "32",
+              "--lr", "3e-3", "--eval-every", "2", "--eval-batches", "2"]  # fmt: skip
+    _run(_train_argv(*common, "--steps", "4", "--checkpoint-dir", "straight",
+                     "--log-json", "straight.jsonl"), tmp_path)  # fmt: skip
+    _run(_train_argv(*common, "--steps", "2", "--checkpoint-dir", "resumed",
+                     "--log-json", "resumed.jsonl"), tmp_path)  # fmt: skip
+    _run(_train_argv(*common, "--steps", "4", "--resume", "--checkpoint-dir", "resumed",
+                     "--log-json", "resumed.jsonl"), tmp_path)  # fmt: skip
+    straight, resumed = _steps(_log(tmp_path / "straight.jsonl")), _steps(_log(tmp_path / "resumed.jsonl"))
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    for name in ("model.safetensors", "training_state/optimizer.safetensors"):
+        a = (tmp_path / "straight" / "final" / name).read_bytes()
+        b = (tmp_path / "resumed" / "final" / name).read_bytes()
+        assert a == b, f"{name} differs between the straight and the resumed run"
+
+
+def _training_view(http_port: int) -> dict[str, Any] | None:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/training", timeout=2) as r:
+            return json.loads(r.read())
+    except OSError:
+        return None
+
+
+def test_killing_a_replica_loses_no_step(procs: ProcessPool, tmp_path: Path) -> None:  # noqa: F811
+    (tmp_path / "config.json").write_text(json.dumps(BYTE_CONFIG))
+    argv = _train_argv(
+        "--model", "config.json", "--data", str(GENESIS), "--min-agents", "3",
+        "--schedule", "gpipe", "--stages", "2", "--micro-batches", "4", "--seq-len", "64",
+        "--lr", "3e-3", "--steps", "40", "--eval-every", "0", "--log-json", "log.jsonl",
+        "--checkpoint-dir", "ck",
+    )  # fmt: skip
+    http_port, grpc_port = int(argv[argv.index("--port") + 1]), int(argv[argv.index("--grpc-port") + 1])
+    coordinator = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        agents = {n: procs.agent(f"127.0.0.1:{grpc_port}", token="t", name=n) for n in ("ka", "kb", "kc")}
+        log = tmp_path / "log.jsonl"
+        wait_until(lambda: log.exists() and len(_steps(_log(log))) >= 3, 120, "3 training steps")
+        view = _training_view(http_port)
+        assert view is not None and view["state"] == "training" and view["plan"] is not None
+        replicated = [s for s in view["plan"]["stages"] if len(s["agents"]) > 1]
+        assert replicated, f"the plan has no replicated stage: {view['plan']['stages']}"
+        victim = replicated[0]["agents"][-1]
+        os.killpg(agents[victim].pid, signal.SIGKILL)
+        out, _ = coordinator.communicate(timeout=180)
+        assert coordinator.returncode == 0, out.decode()[-3000:]
+    finally:
+        if coordinator.poll() is None:
+            os.killpg(coordinator.pid, signal.SIGKILL)
+    records = _log(tmp_path / "log.jsonl")
+    steps = [r["step"] for r in _steps(records)]
+    assert steps == list(range(1, 41)), f"steps applied twice or lost: {steps}"
+    notes = [r["message"] for r in records if r.get("event") == "note"]
+    assert any("re-planning" in n and victim in n for n in notes), notes
+    losses = [r["loss"] for r in _steps(records)]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, f"the loss did not fall: {losses}"
+    assert (tmp_path / "ck" / "final" / "model.safetensors").is_file()
+
+
+def test_fine_tuning_smollm2_lowers_held_out_loss_and_serves(tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    from edgecluster.weights.models import resolve_model
+
+    try:
+        resolve_model("smollm2-135m")  # converted once, shared with the serving tests
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    _run(
+        _train_argv("--model", "smollm2-135m", "--data", str(GENESIS), "--local", "1",
+                    "--schedule", "gpipe", "--stages", "2", "--micro-batches", "2",
+                    "--seq-len", "48", "--lr", "2e-4", "--steps", "4", "--eval-every", "4",
+                    "--eval-batches", "2", "--checkpoint-dir", "ck", "--log-json", "log.jsonl"),
+        tmp_path,
+        timeout_s=400,
+    )  # fmt: skip
+    records = _log(tmp_path / "log.jsonl")
+    evals = [r["eval_loss"] for r in records if r.get("eval_loss") is not None]
+    assert len(evals) >= 2 and evals[-1] < evals[0], f"held-out loss did not fall: {evals}"
+    final = tmp_path / "ck" / "final"
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert model.config.num_hidden_layers == 30
+    _serves(final, tmp_path)
+
+
+def _serves(model_dir: Path, tmp_path: Path) -> None:
+    import urllib.request
+
+    http, grpc = free_ports(2)
+    argv = [sys.executable, "-m", "coordinator.cli", "serve", "--model", str(model_dir),
+            "--local", "1", "--no-mdns", "--token", "t", "--port", str(http),
+            "--grpc-port", str(grpc), "--max-context", "256"]  # fmt: skip
+    server = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/health", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_until(ready, 240, "the fine-tuned model to be served")
+        body = json.dumps({"model": "x", "prompt": "In the beginning God created", "max_tokens": 8,
+                           "temperature": 0}).encode()  # fmt: skip
+        request = urllib.request.Request(f"http://127.0.0.1:{http}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=60) as r:
+            answer = json.loads(r.read())
+        assert answer["choices"][0]["text"].strip(), answer
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        time.sleep(0)
