@@ -100,7 +100,7 @@ def coordinator_argv(
         "--seq-len", str(s.seq_len), "--steps", str(s.num_steps), "--lr", str(s.lr),
         "--seed", str(s.seed), "--eval-every", str(s.eval_every),
         "--checkpoint-dir", str(out_dir / "checkpoints"),
-        "--log-json", str(out_dir / "log.jsonl"),
+        "--log-json", str(out_dir / "log.jsonl"), "--no-progress",
     ]  # fmt: skip
 
 
