@@ -284,7 +284,8 @@ def run_benchmark(args: argparse.Namespace, say: Say) -> dict[str, Any]:
     windows = byte_windows(held_out, mode.seq_len, EVAL_WINDOWS)
     say(f"robustness: {len(windows)} held-out windows of {mode.seq_len} bytes")
     result["robustness"] = robustness(checkpoints, windows) if checkpoints else {}
-    result["plot"] = plot(result.pop("curves"), PLOT_PATH)
+    title = f"Byte-level Llama on KJV, {len(cluster.devices)} emulated devices ({mode.name})"
+    result["plot"] = plot(result.pop("curves"), PLOT_PATH, title)
     result["cluster"] = _cluster_info(args.cluster, load_cluster_file(args.cluster), measured)
     result["model"] = config | {"vocabulary": "bytes: 256 tokens, id = byte value"}
     result["settings"] = {

@@ -214,7 +214,9 @@ def _pct(value: float | None) -> str:
     return f"{value * 100:+4.0f}%" if value is not None else "  n/a"
 
 
-def plot(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: Path) -> str:
+def plot(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: Path, title: str
+) -> str:
     """Loss against wall-clock time, one line per schedule; what was done, as a sentence."""
     try:
         import matplotlib
@@ -228,7 +230,7 @@ def plot(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: Pa
         ax.plot(times, losses, label=name)
     ax.set_xlabel("wall-clock time since training started (s)")
     ax.set_ylabel("training loss (trailing mean)")
-    ax.set_title("Byte-level Llama on KJV, 8 emulated devices")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
