@@ -159,6 +159,15 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-mdns", action="store_true")
     p.add_argument("--min-agents", type=int, help="agents to wait for (default: --local or 1)")
     p.add_argument("--link-delay-ms", type=float, help="inject per-link delay (experiments)")
+    p.add_argument(
+        "--cluster",
+        metavar="FILE",
+        type=Path,
+        default=os.environ.get("EDGE_CLUSTER_FILE") or None,
+        help="cluster file (JSON): emulate its links, per pair of agents (by --name; the "
+        "coordinator is 'coordinator') its latency and bandwidth; train also plans with its "
+        "devices (env EDGE_CLUSTER_FILE)",
+    )
     p.add_argument("--log-level", default="INFO")
     _tls_args(p)
 
@@ -194,6 +203,7 @@ def cluster_fields(
         local_agents=args.local,
         min_agents=args.min_agents or max(1, args.local),
         link_delay_ms=delay,
+        cluster_file=str(args.cluster) if args.cluster else None,
         tls=TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca),
         cache_dir=cache_root(),
         **http_api_fields(args, api_key),

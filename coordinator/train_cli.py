@@ -49,7 +49,6 @@ def add_train_parser(sub: Any) -> None:
     train.add_argument("--dry-run", action="store_true", help="print the plan; train nothing")
     train.add_argument("--json", action="store_true", help="--dry-run: the plans as JSON")
     train.add_argument("--log-json", type=Path, help="append one JSON object per step here")
-    train.add_argument("--cluster", type=Path, help="cluster file: devices and links (JSON)")
     train.add_argument("--no-progress", action="store_true", help="no live bar on stderr")
 
 
@@ -63,7 +62,8 @@ def _options(args: argparse.Namespace) -> Any:
     )  # fmt: skip
     return TrainOptions(
         model=args.model, data=tuple(args.data), pipeline=pipeline, steps=args.steps,
-        lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer, eval_every=args.eval_every,
+        lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
+        eval_every=args.eval_every,
         eval_batches=args.eval_batches, checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every, resume=args.resume, log_json=args.log_json,
         cluster_file=args.cluster, dry_run=args.dry_run, progress=not args.no_progress,
@@ -134,11 +134,13 @@ def _training_run(node: Any, config: Any, options: Any) -> Any:
     from edgecluster.net.datachannel import DataListener
     from edgecluster.net.grpc_util import open_channel
     from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
+    from edgecluster.plan.cluster_file import load_links
     from edgecluster.train.driver import TrainingRun
     from edgecluster.train.session import SessionLinks
 
     links = SessionLinks(
         listener=DataListener(config.host, config.data_port), host=config.host,
+        link_table=load_links(config.cluster_file) if config.cluster_file else None,
         token=config.token, encrypt=config.tls.serves_tls, link_delay_ms=config.link_delay_ms,
         stub_for=lambda m: pb_grpc.AgentStub(open_channel(m.address, config.token, config.tls)),
     )  # fmt: skip

@@ -118,6 +118,9 @@ class CoordinatorConfig:
     kv_budget_tokens: int = 0  # KV positions held at once over all requests; 0: auto
     memory_limit_bytes: int = 0
     link_delay_ms: float = 0.0
+    # emulated links per pair (--cluster FILE: its links, by agent name; the coordinator
+    # is "coordinator"); None: link_delay_ms on every link, unlimited bandwidth
+    cluster_file: str | None = None
     heartbeat_timeout_s: float = 2.5
     tls: TlsFiles = field(default_factory=TlsFiles)
     cache_dir: Path = field(default_factory=cache_root)
@@ -154,6 +157,10 @@ class CoordinatorConfig:
         for peer in self.peers:
             if ":" not in peer:
                 raise ValueError(f"--peers entry {peer!r} must be host:port (an agent's grpc port)")
+        if self.cluster_file is not None:
+            from edgecluster.plan.cluster_file import load_links
+
+            load_links(self.cluster_file)  # a ValueError naming the file and the problem
 
     def _check_http(self) -> None:
         if not self.http_host:

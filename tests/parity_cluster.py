@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from edgecluster.comm.communicator import Communicator
 from edgecluster.config import CoordinatorConfig
 from edgecluster.engine.hub import HubModel
 from edgecluster.runtime.coordinator import CoordinatorNode
@@ -80,10 +81,15 @@ class ParityCluster:
         return sorted((m for m in alive if m.profile.matmul_gflops > 0), key=lambda m: m.name)
 
     def serving(
-        self, model_dir: Path, max_context: int = 2048, weights: str | None = "fp32"
+        self,
+        model_dir: Path,
+        max_context: int = 2048,
+        weights: str | None = "fp32",
+        cluster_file: str | None = None,
     ) -> ServingCluster:
         """Serves `model_dir` with `weights` (fp32 by default: the parity oracle's
-        precision; None: what the checkpoint holds, as `serve` chooses)."""
+        precision; None: what the checkpoint holds, as `serve` chooses), its links
+        emulated as `cluster_file` says (agents are parity-<i>)."""
         config = CoordinatorConfig(
             token=TOKEN,
             grpc_port=0,
@@ -92,6 +98,7 @@ class ParityCluster:
             cache_dir=self.root / "cache",
             max_context=max_context,
             weights=weights,
+            cluster_file=cluster_file,
         )
         return ServingCluster(
             config, self.node.membership, model_dir, model_dir.name, supervise=False
@@ -118,7 +125,13 @@ def greedy(
     """Greedy tokens and per-step logits [V] from the distributed model."""
     plan = cluster.plan(list(members), weights=weights)
     comm = cluster.open_session(plan, list(members))
-    hub: HubModel = cluster.hub
+    return greedy_on(cluster.hub, comm, prompt, new_tokens)
+
+
+def greedy_on(
+    hub: HubModel, comm: Communicator, prompt: list[int], new_tokens: int
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and per-step logits [V] over an open session."""
     tokens, logits = [], []
     step_ids, start = list(prompt), 0
     lock = threading.Lock()  # the scheduler is idle: we drive the hub directly

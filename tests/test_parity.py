@@ -8,13 +8,15 @@ different agents).
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from tests.parity_cluster import ParityCluster, greedy
+from tests.parity_cluster import ParityCluster, greedy, greedy_on
 
 NEW_TOKENS = 32
 UNEVEN = [3.0, 1.0, 2.0, 1.0, 5.0]
@@ -108,3 +110,37 @@ def test_smollm2_parity(cluster: ParityCluster) -> None:
     except ValueError as exc:
         pytest.skip(str(exc))
     _check(cluster, model_dir, prompt=[1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 30])
+
+
+def test_emulated_links_keep_parity_and_reach_every_rank(
+    cluster: ParityCluster, tmp_path: Path
+) -> None:
+    """A cluster file whose only slow pair is agent <-> agent: the hub's links carry
+    the figures it names, the agents' direct all-reduces wait for theirs (a lower
+    bound on the step time only the agents can cause), and the tokens do not change."""
+    model_dir = _make_tiny("llama", tmp_path / "llama")
+    prompt = [(17 * i + 3) % 256 for i in range(8)]
+    ref_tokens, _ = _reference(model_dir, prompt)
+    slow_ms, new_tokens, num_layers = 40.0, 4, 3
+    links = {
+        "links": [
+            {"from": "coordinator", "to": "parity-0", "latency_ms": 1, "bandwidth_mb_s": 500},
+            {"from": "parity-0", "to": "parity-1", "latency_ms": slow_ms, "bandwidth_mb_s": 50},
+        ]
+    }
+    path = tmp_path / "links.json"
+    path.write_text(json.dumps(links))
+    serving = cluster.serving(model_dir, cluster_file=str(path))
+    try:
+        members = cluster.members()[:2]
+        comm = serving.open_session(serving.plan(members, weights=UNEVEN[:2]), members)
+        delays = sorted(comm.link(rank).emulation.delay_ms for rank in (1, 2))
+        assert delays == [0.0, 1.0]  # the hub's own links: only coordinator <-> parity-0
+        start = time.monotonic()
+        tokens, _ = greedy_on(serving.hub, comm, prompt, new_tokens)
+        elapsed = time.monotonic() - start
+        assert tokens == ref_tokens[:new_tokens]
+        # every step: at least one all-reduce per layer between the two agents
+        assert elapsed >= new_tokens * num_layers * slow_ms / 1e3, f"{elapsed:.3f} s"
+    finally:
+        serving.close()

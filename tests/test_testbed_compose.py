@@ -1,4 +1,4 @@
-"""Compose parsing and topology planning for the testbed: pure, no root needed."""
+"""Compose parsing, topology planning and link settings for the testbed: no root needed."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from edgecluster.plan.cluster_file import link_matrix, load_links
 from edgecluster.testbed.cli import main
 from edgecluster.testbed.compose import ComposeError, load_compose, parse_compose
 from edgecluster.testbed.compose_values import interpolate, parse_bandwidth, parse_docker_bytes
+from edgecluster.testbed.launch import link_environment, write_links_file
 from edgecluster.testbed.topology import IFNAME_MAX, bridge_name, plan_topology
 
 COMPOSE = """
@@ -142,3 +144,69 @@ def test_cli_without_root_says_so(
     monkeypatch.setattr("os.geteuid", lambda: 1000)
     assert main(["status", "--project", "demo"]) == 2
     assert "needs root" in capsys.readouterr().err
+
+
+PAIRS = """
+x-edgecluster:
+  default_link: {latency_ms: "${BASE_MS:-2}", bandwidth_mb_s: 100}
+  links:
+    - {from: coordinator, to: slow, latency_ms: 40, bandwidth_mb_s: 1.5}
+    - {from: slow, to: fast, latency_ms: 25, bandwidth_mb_s: 12.5}
+services:
+  coordinator: {command: edge-coordinator serve}
+  fast: {command: edge-agent join coordinator:50050 --name fast}
+  slow: {command: edge-agent join coordinator:50050 --name slow}
+"""
+
+
+def test_per_pair_links_in_the_cluster_file_vocabulary_reach_the_coordinator(
+    tmp_path: Path,
+) -> None:
+    project = _load(tmp_path, PAIRS, BASE_MS="3")
+    assert project.links == {}  # no tc shaping: the sessions emulate each pair
+    table = project.pair_links
+    assert table is not None and table.default_link is not None
+    assert table.default_link.latency_ms == 3.0  # interpolated strings read as numbers
+    assert table.link("slow", "coordinator").bandwidth_mb_s == 1.5
+    state_dir = tmp_path / "state"
+    written = write_links_file(project, state_dir)
+    assert written == state_dir / "links.json"
+    delays, bandwidths = link_matrix(load_links(written), ["coordinator", "fast", "slow"])
+    assert delays == [[0, 3, 40], [3, 0, 25], [40, 25, 0]]
+    assert bandwidths[2] == [1.5, 12.5, 0]
+    for service in project.services.values():  # each service is told where the file is
+        assert link_environment(service, project, written) == {"EDGE_CLUSTER_FILE": str(written)}
+    assert plan_topology("p", project).endpoint("slow").bandwidth_bits_per_s is None
+    legacy = _load(tmp_path, COMPOSE)
+    assert write_links_file(legacy, state_dir / "other") is None
+    client = legacy.services["client"]
+    assert link_environment(client, legacy) == {"EDGE_LINK_DELAY_MS": "5"}
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("to: fast", "to: nowhere"), "link slow -> nowhere names unknown service 'nowhere'"),
+        (("latency_ms: 40", "latency_ms: -1"), "latency_ms must be a finite number >= 0"),
+        (("bandwidth_mb_s: 1.5", "bandwidth_mb_s: fast"), "bandwidth_mb_s must be a number"),
+        (("latency_ms: 25, ", ""), "missing 'latency_ms'"),
+        (("to: fast", "to: slow"), "joins a device to itself"),
+        (("  links:\n", "  linx: 1\n  links:\n"), r"unknown key\(s\) \['linx'\]"),
+        (("default_link: {", "default_link: {jitter_ms: 1, "), "unknown key.*'jitter_ms'"),
+    ],
+)
+def test_bad_per_pair_links_are_refused_naming_the_problem(
+    tmp_path: Path, edit: tuple[str, str], message: str
+) -> None:
+    with pytest.raises(ComposeError, match=message):
+        _load(tmp_path, PAIRS.replace(*edit, 1))
+
+
+def test_a_hand_set_cluster_file_must_agree(tmp_path: Path) -> None:
+    text = PAIRS.replace(
+        "{command: edge-coordinator serve}",
+        "{command: x, environment: {EDGE_CLUSTER_FILE: /elsewhere.json}}",
+    )
+    project = _load(tmp_path, text)
+    with pytest.raises(ComposeError, match="EDGE_CLUSTER_FILE=/elsewhere.json disagrees"):
+        link_environment(project.services["coordinator"], project, tmp_path / "links.json")

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from edgecluster.device import block, cgroup_v1
+from edgecluster.plan.cluster_file import link_matrix, parse_links
 from edgecluster.testbed import netns, processes, runner
 from edgecluster.testbed.cli import main
 from edgecluster.testbed.compose import ComposeProject, load_compose
@@ -292,3 +293,41 @@ def test_cli_help_runs_as_a_module() -> None:
     )
     assert done.returncode == 0 and "up" in done.stdout
     assert processes.resolve_program("python").startswith(str(Path(sys.executable).parent))
+
+
+READ_LINKS = """
+import json, os, time
+print("links", json.dumps(json.load(open(os.environ["EDGE_CLUSTER_FILE"]))), flush=True)
+time.sleep(600)
+"""
+
+
+def test_per_pair_links_reach_the_services_in_their_namespaces(tmp_path: Path) -> None:
+    """x-edgecluster's per-pair links: written where every service can read them, named
+    by EDGE_CLUSTER_FILE, no tc shaping; `down` removes the file."""
+    spec = {
+        "x-edgecluster": {
+            "default_link": {"latency_ms": 1, "bandwidth_mb_s": 100},
+            "links": [{"from": "a", "to": "b", "latency_ms": 30, "bandwidth_mb_s": 2.5}],
+        },
+        "services": {name: {"command": ["python", "-c", READ_LINKS]} for name in ("a", "b")},
+        "networks": {"lan": {"ipam": {"config": [{"subnet": "10.77.51.0/24"}]}}},
+    }
+    path = tmp_path / "compose.yaml"
+    path.write_text(json.dumps(spec))  # JSON is YAML
+    project, state_dir = load_compose(path), tmp_path / "state"
+    current = runner.up(project, project=PROJECT, state_dir=state_dir)
+    try:
+        log = state_dir / "logs" / "b.log"
+        assert _wait_for(lambda: "links" in (log.read_text() if log.exists() else ""), 60), (
+            log.read_text() if log.exists() else "no log"
+        )
+        seen = json.loads(log.read_text().split("links ", 1)[1].splitlines()[0])
+        delays, bandwidths = link_matrix(parse_links(seen), ["a", "b"])
+        assert (delays, bandwidths) == ([[0, 30], [30, 0]], [[0, 2.5], [2.5, 0]])
+        shaped = netns.run(["tc", "qdisc", "show", "dev", current.service("b").veth])
+        assert "tbf" not in shaped
+    finally:
+        removed = runner.down(project=PROJECT, state_dir=state_dir, compose=project, grace_s=2)
+    assert f"links {state_dir / 'links.json'}" in removed
+    assert not (state_dir / "links.json").exists()

@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +64,15 @@ def test_dry_run_prints_every_schedule_without_agents(tmp_path: Path) -> None:
     cluster = {"devices": devices, "default_link": {"latency_ms": 2, "bandwidth_mb_s": 50}}
     (tmp_path / "cluster.json").write_text(json.dumps(cluster))
     done = _run(
-        _train_argv("--model", "config.json", "--cluster", "cluster.json", "--dry-run",
-                    "--micro-batches", "6"),  # fmt: skip
+        _train_argv(
+            "--model",
+            "config.json",
+            "--cluster",
+            "cluster.json",
+            "--dry-run",
+            "--micro-batches",
+            "6",
+        ),  # fmt: skip
         tmp_path,
         timeout_s=120,
     )
@@ -86,7 +92,10 @@ def test_resume_continues_bit_identically(tmp_path: Path) -> None:
                      "--log-json", "resumed.jsonl"), tmp_path)  # fmt: skip
     _run(_train_argv(*common, "--steps", "4", "--resume", "--checkpoint-dir", "resumed",
                      "--log-json", "resumed.jsonl"), tmp_path)  # fmt: skip
-    straight, resumed = _steps(_log(tmp_path / "straight.jsonl")), _steps(_log(tmp_path / "resumed.jsonl"))
+    straight, resumed = (
+        _steps(_log(tmp_path / "straight.jsonl")),
+        _steps(_log(tmp_path / "resumed.jsonl")),
+    )
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
     for name in ("model.safetensors", "training_state/optimizer.safetensors"):
@@ -113,11 +122,16 @@ def test_killing_a_replica_loses_no_step(procs: ProcessPool, tmp_path: Path) -> 
         "--lr", "3e-3", "--steps", "40", "--eval-every", "0", "--log-json", "log.jsonl",
         "--checkpoint-dir", "ck",
     )  # fmt: skip
-    http_port, grpc_port = int(argv[argv.index("--port") + 1]), int(argv[argv.index("--grpc-port") + 1])
+    http_port, grpc_port = (
+        int(argv[argv.index("--port") + 1]),
+        int(argv[argv.index("--grpc-port") + 1]),
+    )
     coordinator = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
-        agents = {n: procs.agent(f"127.0.0.1:{grpc_port}", token="t", name=n) for n in ("ka", "kb", "kc")}
+        agents = {
+            n: procs.agent(f"127.0.0.1:{grpc_port}", token="t", name=n) for n in ("ka", "kb", "kc")
+        }
         log = tmp_path / "log.jsonl"
         wait_until(lambda: log.exists() and len(_steps(_log(log))) >= 3, 120, "3 training steps")
         view = _training_view(http_port)
@@ -152,7 +166,7 @@ def test_fine_tuning_smollm2_lowers_held_out_loss_and_serves(tmp_path: Path) -> 
     _run(
         _train_argv("--model", "smollm2-135m", "--data", str(GENESIS), "--local", "1",
                     "--schedule", "gpipe", "--stages", "2", "--micro-batches", "2",
-                    "--seq-len", "48", "--lr", "2e-4", "--steps", "4", "--eval-every", "4",
+                    "--seq-len", "32", "--lr", "2e-4", "--steps", "3", "--eval-every", "3",
                     "--eval-batches", "2", "--checkpoint-dir", "ck", "--log-json", "log.jsonl"),
         tmp_path,
         timeout_s=400,
@@ -178,6 +192,7 @@ def _serves(model_dir: Path, tmp_path: Path) -> None:
     server = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
+
         def ready() -> bool:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{http}/health", timeout=2) as r:
@@ -186,7 +201,9 @@ def _serves(model_dir: Path, tmp_path: Path) -> None:
                 return False
 
         wait_until(ready, 240, "the fine-tuned model to be served")
-        body = json.dumps({"model": "x", "prompt": "In the beginning God created", "max_tokens": 8,
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/v1/models", timeout=5) as r:
+            name = json.loads(r.read())["data"][0]["id"]
+        body = json.dumps({"model": name, "prompt": "In the beginning God created", "max_tokens": 8,
                            "temperature": 0}).encode()  # fmt: skip
         request = urllib.request.Request(f"http://127.0.0.1:{http}/v1/completions", data=body,
                                          headers={"Content-Type": "application/json"})  # fmt: skip
@@ -199,4 +216,3 @@ def _serves(model_dir: Path, tmp_path: Path) -> None:
             server.wait(timeout=15)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
-        time.sleep(0)

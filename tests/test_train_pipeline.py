@@ -19,12 +19,12 @@ from transformers import AutoModelForCausalLM
 
 from edgecluster.model_config import ModelConfig
 from edgecluster.plan.pipeline import PipelineOptions
+from edgecluster.plan.pipeline_cost import pipeline_costs
 from edgecluster.plan.pipeline_paths import Hop, MicroBatchPath
 from edgecluster.plan.pipeline_sim import simulate
-from edgecluster.plan.pipeline_cost import pipeline_costs
 from edgecluster.train.model import FullModel, load_stage_weights, read_hf_weights
-from edgecluster.train.spec import Hyper, TrainingSpec, spec_from_plan
 from edgecluster.train.session import TrainingSession
+from edgecluster.train.spec import Hyper, TrainingSpec, spec_from_plan
 from edgecluster.train.units import Baseline, state_to_named, unit_names
 from edgecluster.weights.checkpoint import Checkpoint
 from tests.procs import ProcessPool, module_procs  # noqa: F401 (fixture)
@@ -38,7 +38,7 @@ EPS = 1e-3
 
 
 @pytest.fixture(scope="module")
-def harness(module_procs: ProcessPool) -> Iterator[TrainHarness]:
+def harness(module_procs: ProcessPool) -> Iterator[TrainHarness]:  # noqa: F811
     h = TrainHarness(module_procs, AGENTS)
     try:
         yield h
@@ -71,7 +71,9 @@ def _train(
     hyper = Hyper(lr=1e-2, eps=EPS, micro_batch_size=MICRO, seq_len=SEQ, num_micro_batches=M)
     session = harness.session(plan, cfg, hyper)
     try:
-        assert session.initialize(step=0, baseline=Baseline(kind="weights", path=path), cfg=cfg) == 0
+        assert (
+            session.initialize(step=0, baseline=Baseline(kind="weights", path=path), cfg=cfg) == 0
+        )
         losses, first = [], {}
         for step in range(STEPS):
             result = session.iterate(step, lambda mb, step=step: data[step * M + mb])
@@ -180,7 +182,9 @@ def _skip_spec(cfg: ModelConfig, rank_of: dict[str, int], hyper: Hyper) -> Train
         schedule="skippipe", options=plan.options, costs=costs, allocation=plan.allocation,
         paths=tuple(paths), orders=sim.orders, simulation=sim,
     )  # fmt: skip
-    return spec_from_plan(run_id="skip-test", model=cfg, plan=skipping, rank_of=rank_of, hyper=hyper)
+    return spec_from_plan(
+        run_id="skip-test", model=cfg, plan=skipping, rank_of=rank_of, hyper=hyper
+    )
 
 
 def test_skip_and_swap_paths_give_each_stage_its_visitors_gradient(
@@ -210,7 +214,9 @@ def test_skip_and_swap_paths_give_each_stage_its_visitors_gradient(
         order = [layer for stage, _ in hops[1:-1] for layer in layers_of[stage]]
         model.loss_sum(data[mb][:, :-1], data[mb][:, 1:], keep_layers=order).backward()
     stage_of_layer = {0: 1, 1: 2, 2: 3, 3: 3}
-    grads = {hf: p.grad for hf, p in zip(model.hf_names().values(), model.parameters(), strict=True)}
+    grads = {
+        hf: p.grad for hf, p in zip(model.hf_names().values(), model.parameters(), strict=True)
+    }
     for name, grad in grads.items():
         stage = stage_of_layer[int(name.split(".")[2])] if ".layers." in name else 0
         want = before[name] - lr * (grad if grad is not None else 0.0) / (

@@ -68,8 +68,9 @@ class TrainHarness:
 
 def cluster(names: Sequence[str]) -> ClusterSpec:
     devices = tuple(
-        DeviceSpec(name=n, gflops=10.0, memory_bytes=1 << 32, cpu_quota=1.0,
-                   disk_read_bytes_per_s=1e8)  # fmt: skip
+        DeviceSpec(
+            name=n, gflops=10.0, memory_bytes=1 << 32, cpu_quota=1.0, disk_read_bytes_per_s=1e8
+        )  # fmt: skip
         for n in names
     )
     return ClusterSpec(devices=devices, default_link=LinkSpec(latency_ms=0.1, bandwidth_mb_s=1e3))
@@ -83,20 +84,30 @@ def hand_plan(
     """The plan of `options.schedule` on stages given as (layer_start, layer_end, agents);
     the first is stage 0 (its layer range is ignored)."""
     built = tuple(
-        Stage(index=i, layer_start=0 if i == 0 else a, layer_end=0 if i == 0 else b,
-              agents=tuple(agents))  # fmt: skip
+        Stage(
+            index=i,
+            layer_start=0 if i == 0 else a,
+            layer_end=0 if i == 0 else b,
+            agents=tuple(agents),
+        )  # fmt: skip
         for i, (a, b, agents) in enumerate(stages)
     )
     names = sorted({n for _, _, agents in stages for n in agents})
     allocation = StageAllocation(
-        stages=built, memory_slots=dict.fromkeys(names, 64), speeds_gflops=dict.fromkeys(names, 10.0)
+        stages=built,
+        memory_slots=dict.fromkeys(names, 64),
+        speeds_gflops=dict.fromkeys(names, 10.0),
     )
     return plan_pipeline(cluster(names), cfg, options, allocation=allocation)
 
 
-def batches(cfg: ModelConfig, count: int, micro: int, seq_len: int, seed: int) -> list[torch.Tensor]:
+def batches(
+    cfg: ModelConfig, count: int, micro: int, seq_len: int, seed: int
+) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, cfg.vocab_size, (micro, seq_len + 1), generator=gen) for _ in range(count)]
+    return [
+        torch.randint(0, cfg.vocab_size, (micro, seq_len + 1), generator=gen) for _ in range(count)
+    ]
 
 
 def save_tiny(path: Path, *, layers: int, tied: bool, vocab: int = 96) -> Path:

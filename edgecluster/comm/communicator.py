@@ -20,6 +20,11 @@ Two all-reduce algorithms:
 - ring: reduce-scatter then all-gather over the ring, 2(N-1) link latencies, each
   carrying 1/N of the payload; better for large payloads on bandwidth-bound links.
 
+Emulated links (experiments, the testbed): each link holds the frames it receives
+as the session's delay and bandwidth from that peer say (`SessionConfig.
+link_emulation`, a per-pair matrix from a cluster file), so one box reproduces an
+uneven network.
+
 Sums accumulate in float32 and are cast back once, so every rank gets the same bits.
 
 A lost peer fails the whole session, not one rank: the rank that notices tells every
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -50,7 +56,15 @@ from dataclasses import dataclass
 import torch
 
 from edgecluster.errors import PeerLostError, TensorMessageError
-from edgecluster.net.datachannel import DataListener, Link, dial, send_tensor_to, wait_any
+from edgecluster.net.datachannel import (
+    NO_EMULATION,
+    DataListener,
+    Link,
+    LinkEmulation,
+    dial,
+    send_tensor_to,
+    wait_any,
+)
 from edgecluster.net.polling_reader import env_amount
 
 log = logging.getLogger(__name__)
@@ -59,6 +73,7 @@ ALGORITHMS = ("star", "ring", "direct")
 DIRECT_MAX_BYTES = 64 << 10
 _ASYNC_SEND_BYTES = 128 << 10
 DEFAULT_READ_DEADLINE_S = 5.0
+MB = 1_000_000  # link bandwidths are in MB/s, as in the cluster file
 
 
 def serving_algorithm() -> str:
@@ -83,7 +98,12 @@ class SessionConfig:
     rank: int
     endpoints: tuple[str, ...]  # data-channel host:port of each rank
     algorithm: str = "star"
-    link_delay_ms: float = 0.0
+    link_delay_ms: float = 0.0  # emulated one-way delay of every link (see link_delays_ms)
+    # Per peer rank, the emulated link from that rank to this one, applied as its frames
+    # arrive (net/link.py): one-way delay and bandwidth (0: unlimited). Empty:
+    # link_delay_ms from every peer, unlimited bandwidth. This rank's own entry is unused.
+    link_delays_ms: tuple[float, ...] = ()
+    link_bandwidths_mb_s: tuple[float, ...] = ()
     connect_timeout_s: float = 15.0
     encrypt: bool = False  # frames sealed with AEAD (TLS clusters); else MACed
     read_deadline_s: float = 0.0  # in a step; 0: EDGE_READ_DEADLINE_S or 5 s
@@ -109,10 +129,41 @@ class SessionConfig:
             raise ValueError(f"rank {self.rank} outside a session of {len(self.endpoints)}")
         if len(self.session_key) < 16:
             raise ValueError("session key must be at least 16 bytes")
+        self._check_links()
+
+    def _check_links(self) -> None:
+        """Per-rank link figures: one per rank (or none), each finite and >= 0."""
+        _check_amount("link_delay_ms", self.link_delay_ms)
+        for name in ("link_delays_ms", "link_bandwidths_mb_s"):
+            values = tuple(float(v) for v in getattr(self, name))
+            object.__setattr__(self, name, values)
+            if values and len(values) != self.world_size:
+                raise ValueError(
+                    f"{name} has {len(values)} entries for a session of {self.world_size} "
+                    "ranks: give one per rank, in rank order (this rank's own is unused), or "
+                    "none"
+                )
+            for peer, value in enumerate(values):
+                _check_amount(f"{name}[{peer}]", value)
+
+    def link_emulation(self, peer: int) -> LinkEmulation:
+        """The emulated link from rank `peer` to this rank (none from itself)."""
+        if peer == self.rank:
+            return NO_EMULATION
+        delay_ms = self.link_delays_ms[peer] if self.link_delays_ms else self.link_delay_ms
+        mb_s = self.link_bandwidths_mb_s[peer] if self.link_bandwidths_mb_s else 0.0
+        if not delay_ms and not mb_s:
+            return NO_EMULATION
+        return LinkEmulation(delay_ms=delay_ms, bandwidth_bytes_per_s=mb_s * MB)
 
     @property
     def world_size(self) -> int:
         return len(self.endpoints)
+
+
+def _check_amount(what: str, value: float) -> None:
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a finite number >= 0 (0: no emulation), got {value}")
 
 
 def _sum_in_rank_order(partials: dict[int, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -129,6 +180,7 @@ def _dial_when_expected(config: SessionConfig, peer: int, name: str) -> Link:
     coordinator opens a session on all agents in parallel, so a lower rank may still
     be loading its shard when a higher one dials it."""
     deadline = time.monotonic() + config.connect_timeout_s
+    emulation = config.link_emulation(peer)
     while True:
         try:
             return dial(
@@ -137,7 +189,8 @@ def _dial_when_expected(config: SessionConfig, peer: int, name: str) -> Link:
                 key=config.session_key,
                 rank=config.rank,
                 peer=name,
-                link_delay_ms=config.link_delay_ms,
+                link_delay_ms=emulation.delay_ms,
+                bandwidth_bytes_per_s=emulation.bandwidth_bytes_per_s,
                 timeout_s=max(0.1, deadline - time.monotonic()),
                 encrypt=config.encrypt,
             )
@@ -179,6 +232,7 @@ class Communicator:
             for peer in range(config.rank + 1, config.world_size):
                 link = listener.take(config.session_id, peer, config.connect_timeout_s)
                 link.peer = names[peer]
+                link.emulate(config.link_emulation(peer))  # not read from yet
                 links[peer] = link
         except Exception:
             for link in links.values():
@@ -186,6 +240,16 @@ class Communicator:
             raise
         how = "sealed (AEAD)" if config.encrypt else "authenticated (MAC)"
         log.info("session %s: %d links, frames %s", config.session_id[:8], len(links), how)
+        emulated = [
+            f"{names[peer]} {e.delay_ms:g} ms, "
+            + (f"{e.bandwidth_bytes_per_s / MB:g} MB/s" if e.bandwidth_bytes_per_s else "unlimited")
+            for peer, e in ((peer, link.emulation) for peer, link in links.items())
+            if e.active
+        ]
+        if emulated:
+            log.info(
+                "session %s: emulated links from %s", config.session_id[:8], "; ".join(emulated)
+            )
         return cls(config, links)
 
     def link(self, rank: int) -> Link:

@@ -26,6 +26,7 @@ peer named. Nothing is unpickled; tensors are raw frames as everywhere else.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -86,10 +87,8 @@ class Mailbox:
         """Rank 0: wakes every other rank's waiters with `reason` (best effort)."""
         data = torch.tensor(list(reason.encode()[:200]), dtype=torch.uint8)
         for peer in self.comm.peers():
-            try:
+            with contextlib.suppress(PeerLostError, OSError):
                 self.send(peer, (ABORT, 0, 0, 0), data)
-            except (PeerLostError, OSError):
-                pass
 
     # ---- receiving ----
     def recv(
@@ -230,7 +229,9 @@ class Mailbox:
         for step in range(n - 1):  # all-gather: the reduced chunks flow on
             out, into = chunks[(me + 1 - step) % n], chunks[(me - step) % n]
             self.send(nxt, (kind, a, b, n + step), out)
-            into.copy_(self.recv((kind, a, b, n + step), prv, like=[into], interruptible=False)[1][0])
+            into.copy_(
+                self.recv((kind, a, b, n + step), prv, like=[into], interruptible=False)[1][0]
+            )
         return work.reshape(tensor.shape).to(tensor.dtype)
 
     def close(self) -> None:

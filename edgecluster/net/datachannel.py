@@ -41,12 +41,15 @@ from edgecluster.net.link import (  # re-exported: the data channel's public nam
     tensor_packet,
     wait_any,
 )
+from edgecluster.net.link_emulation import NO_EMULATION, LinkEmulation
 from edgecluster.net.pb import edgecluster_pb2 as pb
 
 __all__ = [
     "MAX_FRAME_BYTES",
+    "NO_EMULATION",
     "DataListener",
     "Link",
+    "LinkEmulation",
     "default_link_delay_ms",
     "dial",
     "send_tensor_to",
@@ -82,11 +85,13 @@ def dial(
     rank: int,
     peer: str,
     link_delay_ms: float = 0.0,
+    bandwidth_bytes_per_s: float = 0.0,
     timeout_s: float = HANDSHAKE_TIMEOUT_S,
     encrypt: bool = False,
 ) -> Link:
     """Connects to a peer's listener, proves the session key both ways, and protects
-    the link's frames from then on (MAC, or AEAD when `encrypt`)."""
+    the link's frames from then on (MAC, or AEAD when `encrypt`). Frames from the
+    peer are held as an emulated link of that delay and bandwidth would (0: none)."""
     host, port = split_endpoint(endpoint)
     deadline = time.monotonic() + timeout_s
     while True:
@@ -97,7 +102,9 @@ def dial(
             if time.monotonic() > deadline:
                 raise PeerLostError(peer, f"cannot connect to {endpoint} ({exc})") from exc
             time.sleep(0.05)
-    link = Link(sock, peer, link_delay_ms=link_delay_ms)
+    link = Link(
+        sock, peer, link_delay_ms=link_delay_ms, bandwidth_bytes_per_s=bandwidth_bytes_per_s
+    )
     challenge = link.recv_frame()
     if challenge.kind != pb.Frame.CHALLENGE:
         raise AuthenticationError(f"{endpoint} did not send a challenge")
@@ -148,7 +155,8 @@ class DataListener:
         self, session_id: str, key: bytes, link_delay_ms: float = 0.0, encrypt: bool = False
     ) -> None:
         """Accepts links of `session_id` proving `key`; their frames are sealed (AEAD)
-        when `encrypt`, else MACed."""
+        when `encrypt`, else MACed, and held `link_delay_ms` (an emulated link; the
+        communicator sets each link's own emulation when it takes it)."""
         with self._cond:
             self._sessions[session_id] = (key, link_delay_ms, _mode(encrypt))
 
@@ -204,7 +212,7 @@ class DataListener:
         mode, lkey = hello.protection, link_key(key, *parts)
         link.protect(FrameSeal(lkey, mode=mode, outgoing=TO_CLIENT, incoming=TO_SERVER))
         sock.settimeout(None)
-        link._delay_ns = int(delay_ms * 1e6)
+        link.emulate(LinkEmulation(delay_ms=delay_ms) if delay_ms else NO_EMULATION)
         link.peer = f"rank {hello.rank} ({peer})"
         with self._cond:
             self._ready[(hello.session_id, hello.rank)] = link

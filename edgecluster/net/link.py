@@ -22,9 +22,10 @@ communicator while a step runs): a read that sees no byte, frame or KEEPALIVE, f
 that long raises PeerLostError naming the silent peer. KEEPALIVE frames are skipped
 by every receive.
 
-An optional per-link delay (`link_delay_ms`, default from EDGE_LINK_DELAY_MS)
-emulates a slow link: the receiver holds each frame until `sent_at + delay`, so the
-sender is never blocked, as on a real link. Same-machine only (monotonic clock).
+Link emulation (`Link.emulate`; `link_delay_ms` defaults from EDGE_LINK_DELAY_MS)
+makes a fast link behave like a slow one: each frame received is held until it would
+have arrived over a link of that delay and bandwidth (link_emulation.py). Same-machine
+only: sent-at stamps are CLOCK_MONOTONIC. Without emulation a frame costs one test.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from edgecluster.net.frame_seal import (
     FrameForgedError,
     FrameSeal,
 )
+from edgecluster.net.link_emulation import ArrivalClock, LinkEmulation
 from edgecluster.net.pb import edgecluster_pb2 as pb
 from edgecluster.net.polling_reader import (
     ReadDeadlineError,
@@ -91,6 +93,7 @@ class Link:
         peer: str,
         *,
         link_delay_ms: float = 0.0,
+        bandwidth_bytes_per_s: float = 0.0,
         limits: TensorLimits = DEFAULT_LIMITS,
         spin_us: float | None = None,
     ) -> None:
@@ -99,12 +102,20 @@ class Link:
         self.sock = sock
         self.peer = peer
         self._reader = SocketReader(sock, int(spin_us * 1000))
-        self._delay_ns = int(link_delay_ms * 1e6)
+        self.emulate(
+            LinkEmulation(delay_ms=link_delay_ms, bandwidth_bytes_per_s=bandwidth_bytes_per_s)
+        )
         self._headers = RawHeaderReader(limits)
         self._send_lock = threading.Lock()
         self._seal: FrameSeal | None = None  # set once the handshake proved the key
         self.deadline_s: float | None = None  # a read waits at most this long for a byte
         self.last_sent = self.last_received = time.monotonic()
+
+    def emulate(self, emulation: LinkEmulation) -> None:
+        """Frames received from now on are held as `emulation` says (see the module doc).
+        Call before the link is read from, or between reads of the same thread."""
+        self.emulation = emulation
+        self._arrival = ArrivalClock(emulation) if emulation.active else None
 
     def protect(self, seal: FrameSeal) -> None:
         """From now on every frame either way carries a tag (and is sealed, in AEAD)."""
@@ -222,7 +233,8 @@ class Link:
             self._refuse(f"undecodable frame ({exc})")
         if frame.kind == pb.Frame.ERROR:
             raise _reported_error(self.peer, frame.message)
-        self._hold_until(frame.sent_at_ns)
+        if self._arrival is not None:
+            self._arrival.hold(frame.sent_at_ns, total)
         return frame
 
     def _recv_tensor(self, view: memoryview, clear: int) -> torch.Tensor:
@@ -247,8 +259,8 @@ class Link:
             payload = self._open_frame(view[:total], clear)
         tensor = tensor_from_bytes(payload, dtype, shape)
         self._reader.skip(total)
-        if self._delay_ns:
-            self._hold_until(sent_at_ns)
+        if self._arrival is not None:
+            self._arrival.hold(sent_at_ns, total)
         return tensor
 
     def _recv_large_tensor(
@@ -269,7 +281,9 @@ class Link:
             raise PeerLostError(self.peer, "connection closed mid-tensor")
         if self._seal is not None:
             self._open(lambda seal: seal.open_tensor(head, into, self._tag()))
-        self._hold_until(sent_at_ns)
+        if self._arrival is not None:
+            tag_bytes = TAG_BYTES if self._seal is not None else 0
+            self._arrival.hold(sent_at_ns, clear + len(into) + tag_bytes)
         return tensor
 
     def _open_frame(self, frame: memoryview, clear: int) -> memoryview | bytes:
@@ -301,13 +315,6 @@ class Link:
         return PeerLostError(
             self.peer, f"no data or keepalive from {self.peer} for {seconds} s: stopped or hung"
         )
-
-    def _hold_until(self, sent_at_ns: int) -> None:
-        """Emulated link delay: a frame is readable `link_delay_ms` after it was sent."""
-        if self._delay_ns:
-            wait_ns = sent_at_ns + self._delay_ns - time.monotonic_ns()
-            if wait_ns > 0:
-                time.sleep(wait_ns / 1e9)
 
     def _read(self, size: int) -> bytes:
         view = self._peek(size)

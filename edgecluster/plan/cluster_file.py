@@ -24,13 +24,19 @@ then each direction has its own; pairs with no link use `default_link`; a device
 talks to itself for free. Every field is required except `links`; unknown keys are
 errors (they are usually typos). Pure: parsing and validation, no sockets. Issue
 13's planner reads the same file.
+
+The links alone (`LinkTable`) are what emulated sessions need: `link_matrix` turns
+them into per-rank delay and bandwidth matrices for a session's names, and
+`incoming_links` into one rank's SessionConfig figures. `load_links` also reads a
+file of links alone (`default_link` optional: pairs not listed are not emulated),
+which is what the testbed writes from a compose file's `x-edgecluster` section.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,7 @@ from typing import Any
 from edgecluster.units import parse_size
 
 __all__ = ["ClusterSpec", "DeviceSpec", "LinkSpec", "load_cluster_file", "parse_cluster"]
+__all__ += ["LinkMatrix", "LinkTable", "incoming_links", "link_matrix", "load_links", "parse_links"]
 
 _DEVICE_KEYS = ("name", "gflops", "memory", "cpu_quota", "disk_read_mb_s")
 _LINK_KEYS = ("latency_ms", "bandwidth_mb_s")
@@ -156,20 +163,24 @@ def _link_dict(spec: LinkSpec) -> dict[str, float]:
 def load_cluster_file(path: str | Path) -> ClusterSpec:
     """Read and validate a cluster file; ValueError naming the file and the problem."""
     p = Path(path)
+    data = _read_json(p)
+    try:
+        return parse_cluster(data)
+    except ValueError as exc:
+        raise ValueError(f"cluster file {p}: {exc}") from exc
+
+
+def _read_json(p: Path) -> Any:
     try:
         text = p.read_text()
     except OSError as exc:
         raise ValueError(f"cannot read cluster file {p}: {exc.strerror or exc}") from exc
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(
             f"cluster file {p} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from exc
-    try:
-        return parse_cluster(data)
-    except ValueError as exc:
-        raise ValueError(f"cluster file {p}: {exc}") from exc
 
 
 def parse_cluster(data: Any) -> ClusterSpec:
@@ -181,7 +192,11 @@ def parse_cluster(data: Any) -> ClusterSpec:
         raise ValueError("'devices' must be a list of device objects")
     devices = tuple(_parse_device(i, d) for i, d in enumerate(devices_raw))
     default_link = _parse_link(top["default_link"], "default_link")
-    links_raw = top.get("links", [])
+    links = _parse_link_list(top.get("links", []))
+    return ClusterSpec(devices=devices, default_link=default_link, links=links)
+
+
+def _parse_link_list(links_raw: Any) -> dict[tuple[str, str], LinkSpec]:
     if not isinstance(links_raw, list):
         raise ValueError("'links' must be a list of link objects")
     links: dict[tuple[str, str], LinkSpec] = {}
@@ -192,8 +207,12 @@ def parse_cluster(data: Any) -> ClusterSpec:
         pair = (str(obj["from"]), str(obj["to"]))
         if pair in links:
             raise ValueError(f"{where}: link {pair[0]} -> {pair[1]} is given twice; keep one")
+        if pair[0] == pair[1]:
+            raise ValueError(
+                f"{where}: link {pair[0]} -> {pair[1]} joins a device to itself; remove it"
+            )
         links[pair] = _parse_link(obj, where)
-    return ClusterSpec(devices=devices, default_link=default_link, links=links)
+    return links
 
 
 def _parse_device(index: int, raw: Any) -> DeviceSpec:
@@ -247,3 +266,86 @@ def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{what} must be a number, got {value!r}")
     return float(value)
+
+
+# ---- links alone: the emulated network of a session ----
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinkTable:
+    """Directed links by name, and the link of every other pair (None: not emulated)."""
+
+    default_link: LinkSpec | None
+    links: Mapping[tuple[str, str], LinkSpec] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, cluster: ClusterSpec) -> LinkTable:
+        return cls(default_link=cluster.default_link, links=dict(cluster.links))
+
+    def link(self, src: str, dst: str) -> LinkSpec | None:
+        """The link from `src` to `dst`: given, else its reverse, else the default."""
+        return self.links.get((src, dst)) or self.links.get((dst, src)) or self.default_link
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form `parse_links` reads back."""
+        out: dict[str, Any] = {}
+        if self.default_link is not None:
+            out["default_link"] = _link_dict(self.default_link)
+        out["links"] = [
+            {"from": a, "to": b, **_link_dict(spec)} for (a, b), spec in self.links.items()
+        ]
+        return out
+
+
+def parse_links(data: Any) -> LinkTable:
+    """The links of a decoded JSON object holding `default_link` (optional here: pairs
+    not listed are then not emulated) and `links`, in the cluster file's vocabulary."""
+    top = _object(data, "the links", required=())
+    _no_unknown(top, ("default_link", "links"), "the links")
+    raw_default = top.get("default_link")
+    default_link = None if raw_default is None else _parse_link(raw_default, "default_link")
+    return LinkTable(default_link=default_link, links=_parse_link_list(top.get("links", [])))
+
+
+def load_links(path: str | Path) -> LinkTable:
+    """The links of a cluster file (validated whole), or of a file of links alone (no
+    `devices`: see `parse_links`); ValueError naming the file and the problem."""
+    p = Path(path)
+    data = _read_json(p)
+    try:
+        if isinstance(data, dict) and "devices" in data:
+            return LinkTable.of(parse_cluster(data))
+        return parse_links(data)
+    except ValueError as exc:
+        raise ValueError(f"cluster file {p}: {exc}") from exc
+
+
+LinkMatrix = tuple[list[list[float]], list[list[float]]]  # (delay_ms, bandwidth_mb_s)[i][j]
+
+
+def link_matrix(cluster: ClusterSpec | LinkTable, names: Sequence[str]) -> LinkMatrix:
+    """Per-rank link figures for a session whose ranks are `names` (rank 0 may be
+    "coordinator": a device if the file names it, else it gets the default link).
+
+    Returns (delay_ms, bandwidth_mb_s), each [rank][rank]: the link from names[i] to
+    names[j]. A name the file does not list gets the default link; a name talking to
+    itself, or a pair with no link at all (LinkTable without a default), gets 0 ms
+    and bandwidth 0, which means unlimited.
+    """
+    delays = [[0.0] * len(names) for _ in names]
+    bandwidths = [[0.0] * len(names) for _ in names]
+    for i, src in enumerate(names):
+        for j, dst in enumerate(names):
+            spec = None if src == dst else cluster.link(src, dst)
+            if spec is not None:
+                delays[i][j], bandwidths[i][j] = spec.latency_ms, spec.bandwidth_mb_s
+    return delays, bandwidths
+
+
+def incoming_links(matrix: LinkMatrix, rank: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Rank `rank`'s SessionConfig.link_delays_ms and link_bandwidths_mb_s: per peer,
+    the link from that peer to `rank` (a column of `link_matrix`)."""
+    delays, bandwidths = matrix
+    if not 0 <= rank < len(delays):
+        raise ValueError(f"rank {rank} outside a link matrix of {len(delays)} ranks")
+    return tuple(row[rank] for row in delays), tuple(row[rank] for row in bandwidths)

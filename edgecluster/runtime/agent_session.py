@@ -1,4 +1,4 @@
-"""An agent's session: its shard loaded (or, training, its stages), its links open, its loop running.
+"""An agent's session: its shard (or its training stages), its links, its loop running.
 
 At most one session at a time; opening a new one closes the old. The shard is
 loaded before `open` returns (so a missing or corrupt shard is reported to the
@@ -84,6 +84,8 @@ class SessionRequest:
                 endpoints=tuple(m.endpoints),
                 algorithm=m.algorithm or "star",
                 link_delay_ms=m.link_delay_ms,
+                link_delays_ms=tuple(m.link_delays_ms),
+                link_bandwidths_mb_s=tuple(m.link_bandwidths_mb_s),
                 encrypt=m.encrypt_data,
             ),
             shard_key=m.shard_key,

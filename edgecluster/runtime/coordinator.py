@@ -143,9 +143,7 @@ class CoordinatorNode:
         self.server.stop(grace=0.5)
 
 
-async def _serve_http(
-    node: CoordinatorNode, stop: threading.Event, training: Any = None
-) -> None:
+async def _serve_http(node: CoordinatorNode, stop: threading.Event, training: Any = None) -> None:
     from edgecluster.api.http import ApiOptions, build_app, start_api_server
 
     cfg = node.config

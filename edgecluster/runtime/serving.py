@@ -37,6 +37,7 @@ from edgecluster.net.datachannel import DataListener
 from edgecluster.net.grpc_util import open_channel
 from edgecluster.net.pb import edgecluster_pb2 as pb
 from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
+from edgecluster.plan.cluster_file import LinkMatrix, incoming_links, link_matrix, load_links
 from edgecluster.plan.tensor_parallel import (
     AgentCapacity,
     AgentPlacement,
@@ -115,6 +116,7 @@ class ServingCluster:
         check_hub_memory(config.memory_limit_bytes, self.hub.weight_bytes)
         self._model_id = model_fingerprint(model_dir, config.cache_dir)
         self._listener = DataListener(config.host, config.data_port)
+        self._links = load_links(config.cluster_file) if config.cluster_file else None
         self.scheduler = Scheduler()
         self.scheduler.on_lost = self._lost
         self.scheduler.on_failed = self._step_failed
@@ -385,11 +387,14 @@ class ServingCluster:
         encrypt = self.config.tls.serves_tls  # TLS clusters seal data-channel frames
         order = [members[p.node_id] for p in plan.placements]
         agent_endpoints = [f"{m.address.rpartition(':')[0]}:{m.data_port}" for m in order]
+        names = ["coordinator", *[m.name for m in order]]
+        matrix = link_matrix(self._links, names) if self._links is not None else None
         self._listener.expect(session_id, key, self.config.link_delay_ms, encrypt)
 
         def open_on(rank: int, placement: AgentPlacement) -> pb.AgentStatus:
             member = members[placement.node_id]
             hub = f"{reachable_host(self.config.host, member.address)}:{self._listener.port}"
+            delays, bandwidths = _session_links(matrix, rank)
             spec = pb.SessionSpec(
                 session_id=session_id,
                 key_salt=salt,
@@ -402,9 +407,11 @@ class ServingCluster:
                 window_blocks=placement.window_blocks,
                 max_context=self.context_length,
                 link_delay_ms=self.config.link_delay_ms,
+                link_delays_ms=delays,
+                link_bandwidths_mb_s=bandwidths,
                 kv_dtype=self._kv_dtype,
                 kv_budget_tokens=plan.kv_budget_tokens,
-                peer_names=["coordinator", *[m.name for m in order]],
+                peer_names=names,
             )
             deadline = open_deadline_s(placement.weight_bytes)
             return stubs[placement.node_id].OpenSession(spec, timeout=deadline)
@@ -418,6 +425,7 @@ class ServingCluster:
             close_sessions(stubs, session_id)
             self._listener.forget(session_id)
             raise
+        delays, bandwidths = _session_links(matrix, 0)
         config = SessionConfig(
             session_id=session_id,
             session_key=key,
@@ -425,6 +433,8 @@ class ServingCluster:
             rank=0,
             endpoints=(f"{self.config.host}:{self._listener.port}", *agent_endpoints),
             link_delay_ms=self.config.link_delay_ms,
+            link_delays_ms=delays,
+            link_bandwidths_mb_s=bandwidths,
         )
         try:
             comm = Communicator.connect(config, self._listener, ["hub", *[m.name for m in order]])
@@ -459,6 +469,13 @@ class ServingCluster:
         self._listener.close()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+
+
+def _session_links(
+    matrix: LinkMatrix | None, rank: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Rank `rank`'s per-peer link delays and bandwidths (empty: no cluster file)."""
+    return ((), ()) if matrix is None else incoming_links(matrix, rank)
 
 
 def _owned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

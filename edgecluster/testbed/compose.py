@@ -4,8 +4,19 @@ Supported per service: command (and entrypoint), environment, cpus, mem_limit,
 blkio_config.device_read_bps, ports (TCP, host:container), networks with
 ipv4_address, depends_on, volumes (named volumes and absolute host paths). One
 bridge network with an IPv4 subnet. `${VAR}`, `${VAR:-default}` and `$$` are
-interpolated from the environment as Compose does. The `x-edgecluster` extension
-carries per-link shaping: `links: {service: {bandwidth: 100mbit, delay_ms: 2}}`.
+interpolated from the environment as Compose does.
+
+The `x-edgecluster` extension describes the network, in one of two forms:
+- per pair, in the cluster file's vocabulary (plan/cluster_file.py), emulated by the
+  sessions themselves (each link holds what it receives; see net/link.py):
+  `default_link: {latency_ms: 2, bandwidth_mb_s: 100}` (optional: pairs not listed
+  are then not emulated) and `links: [{from: a, to: b, latency_ms: 30,
+  bandwidth_mb_s: 12.5}]` (symmetric unless both directions are given), `from` and
+  `to` naming services (agents by their service name, the coordinator as
+  `coordinator`). The testbed writes them to a file named by EDGE_CLUSTER_FILE in
+  every service's environment, which `edge-coordinator serve` reads;
+- per service (a mapping): `links: {service: {bandwidth: 100mbit, delay_ms: 2}}`,
+  the bandwidth a tc token bucket on the service's veth, the delay EDGE_LINK_DELAY_MS.
 
 Keys that would change behaviour but cannot be emulated raise ComposeError;
 keys that only matter to Docker (image, build, restart...) are ignored.
@@ -13,6 +24,7 @@ keys that only matter to Docker (image, build, restart...) are ignored.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -25,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from edgecluster.plan.cluster_file import LinkTable, parse_links
 from edgecluster.testbed.compose_values import (
     ComposeError,
     as_mapping,
@@ -94,7 +107,8 @@ class ComposeProject:
     services: Mapping[str, Service]
     network: str
     subnet: ipaddress.IPv4Network
-    links: Mapping[str, LinkShaping] = field(default_factory=dict)
+    links: Mapping[str, LinkShaping] = field(default_factory=dict)  # per service (tc)
+    pair_links: LinkTable | None = None  # per pair, emulated by the sessions
 
     def start_order(self) -> list[str]:
         """Service names with every service after the ones it depends on."""
@@ -138,9 +152,25 @@ def parse_compose(raw: Mapping[str, Any]) -> ComposeProject:
         if unknown:
             raise ComposeError(f"service {service.name} depends on unknown {sorted(unknown)}")
     extension = as_mapping(raw.get(EXTENSION_KEY), EXTENSION_KEY)
-    links = _parse_links(as_mapping(extension.get("links"), f"{EXTENSION_KEY}.links"), services)
+    extra = sorted(set(extension) - {"links", "default_link"})
+    if extra:
+        raise ComposeError(
+            f"{EXTENSION_KEY} has unknown key(s) {extra}; allowed: links, default_link"
+        )
+    links: dict[str, LinkShaping] = {}
+    pair_links: LinkTable | None = None
+    if isinstance(extension.get("links"), list) or "default_link" in extension:
+        pair_links = _parse_pair_links(extension, services)
+    else:
+        where = f"{EXTENSION_KEY}.links"
+        links = _parse_links(as_mapping(extension.get("links"), where), services)
     project = ComposeProject(
-        name=raw.get("name"), services=services, network=network, subnet=subnet, links=links
+        name=raw.get("name"),
+        services=services,
+        network=network,
+        subnet=subnet,
+        links=links,
+        pair_links=pair_links,
     )
     project.start_order()  # reject cycles now
     return project
@@ -299,3 +329,44 @@ def _parse_links(
             delay_ms=None if delay is None else float(delay),
         )
     return parsed
+
+
+_PAIR_NUMBERS = ("latency_ms", "bandwidth_mb_s")
+
+
+def _parse_pair_links(extension: Mapping[str, Any], services: Mapping[str, Service]) -> LinkTable:
+    """The per-pair form, checked as a cluster file's links are, naming services."""
+    raw_links = extension.get("links", [])
+    if not isinstance(raw_links, list):
+        raise ComposeError(
+            f"{EXTENSION_KEY}.links: with default_link, give links as a list of "
+            "{from, to, latency_ms, bandwidth_mb_s}"
+        )
+    data: dict[str, Any] = {"links": [_numbers(link) for link in raw_links]}
+    if "default_link" in extension:
+        data["default_link"] = _numbers(extension["default_link"])
+    try:
+        table = parse_links(data)
+    except ValueError as exc:
+        raise ComposeError(f"{EXTENSION_KEY}: {exc}") from exc
+    for src, dst in table.links:
+        for end in (src, dst):
+            if end not in services:
+                raise ComposeError(
+                    f"{EXTENSION_KEY}.links: link {src} -> {dst} names unknown service "
+                    f"{end!r}; services are {', '.join(services)}"
+                )
+    return table
+
+
+def _numbers(raw: Any) -> Any:
+    """Interpolated values arrive as strings (`${DELAY:-2}`): numbers where they read as one."""
+    if not isinstance(raw, dict):
+        return raw
+    out = dict(raw)
+    for key in _PAIR_NUMBERS:
+        value = out.get(key)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):  # else left as it is: parse_links names it
+                out[key] = float(value)
+    return out

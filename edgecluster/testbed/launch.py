@@ -10,6 +10,7 @@ into the service's cgroups before it executes anything, with its own session
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import subprocess
 import sys
@@ -32,6 +33,8 @@ from edgecluster.testbed.topology import Endpoint
 logger = logging.getLogger(__name__)
 
 LINK_DELAY_ENV = "EDGE_LINK_DELAY_MS"
+CLUSTER_FILE_ENV = "EDGE_CLUSTER_FILE"
+LINKS_FILE = "links.json"
 
 
 def device_limits(service: Service) -> DeviceLimits:
@@ -58,18 +61,38 @@ def device_limits(service: Service) -> DeviceLimits:
     )
 
 
-def link_environment(service: Service, compose: ComposeProject) -> dict[str, str]:
-    """EDGE_LINK_DELAY_MS from x-edgecluster.links; it must agree with one set by hand."""
+def write_links_file(compose: ComposeProject, state_dir: Path) -> Path | None:
+    """The per-pair links of x-edgecluster as a links file in `state_dir` (the cluster
+    file's vocabulary, which `edge-coordinator serve --cluster` reads); its path, or
+    None when the compose file gives none."""
+    if compose.pair_links is None:
+        return None
+    path = state_dir / LINKS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(compose.pair_links.to_dict(), indent=2) + "\n")
+    return path
+
+
+def link_environment(
+    service: Service, compose: ComposeProject, links_file: Path | None = None
+) -> dict[str, str]:
+    """EDGE_LINK_DELAY_MS from x-edgecluster.links (per service), or EDGE_CLUSTER_FILE
+    naming `links_file` (per pair); either must agree with one set by hand."""
     link = compose.links.get(service.name)
-    if link is None or link.delay_ms is None:
-        return {}
-    given = service.environment.get(LINK_DELAY_ENV)
-    if given is not None and float(given) != link.delay_ms:
-        raise ComposeError(
-            f"service {service.name}: environment {LINK_DELAY_ENV}={given} disagrees with "
-            f"x-edgecluster.links delay_ms={link.delay_ms:g}; keep one of them"
-        )
-    return {LINK_DELAY_ENV: f"{link.delay_ms:g}"}
+    env = {}
+    if link is not None and link.delay_ms is not None:
+        env[LINK_DELAY_ENV] = f"{link.delay_ms:g}"
+    if links_file is not None:
+        env[CLUSTER_FILE_ENV] = str(links_file)
+    for name, value in env.items():
+        given = service.environment.get(name)
+        same = given == value if name == CLUSTER_FILE_ENV else float(given or 0) == float(value)
+        if given is not None and not same:
+            raise ComposeError(
+                f"service {service.name}: environment {name}={given} disagrees with "
+                f"x-edgecluster (which sets {value}); keep one of them"
+            )
+    return env
 
 
 def volume_binds(service: Service, volumes_dir: Path) -> list[tuple[Path, Path]]:

@@ -169,6 +169,7 @@ def _start_services(
 ) -> TestbedState:
     for target in current.mountpoints:
         Path(target).mkdir(parents=True, exist_ok=True)
+    links_file = launch.write_links_file(compose, state_dir)
     for name in compose.start_order():
         service, endpoint = compose.services[name], topology.endpoint(name)
         binds = launch.volume_binds(service, state_dir / "volumes")
@@ -176,7 +177,7 @@ def _start_services(
             service,
             endpoint,
             argv=launch.service_argv(service, endpoint.netns, binds),
-            extra_env=launch.link_environment(service, compose),
+            extra_env=launch.link_environment(service, compose, links_file),
             state_dir=state_dir,
         )
         services = tuple(started if s.name == name else s for s in current.services)
@@ -235,6 +236,10 @@ def down(
         *((f"netns {ns}", partial(netns.delete_netns, ns)) for ns in namespaces),
         *((f"hosts {ns}", partial(netns.remove_hosts, ns)) for ns in namespaces),
         *((f"mountpoint {d}", partial(_remove_empty_dir, d)) for d in _mountpoints(current)),
+        (
+            f"links {state_dir / launch.LINKS_FILE}",
+            partial(_remove_file, state_dir / launch.LINKS_FILE),
+        ),
     ]
     if remove_volumes:
         steps.append(
@@ -262,7 +267,8 @@ def restart(
     _check_restartable(record, spec, state_dir)
     if record.process is not None:
         processes.stop([record.process], grace_s)
-    extra_env = launch.link_environment(spec, compose)
+    links_file = launch.write_links_file(compose, state_dir)
+    extra_env = launch.link_environment(spec, compose, links_file)
     restarted = launch.restart_service(spec, record, extra_env=extra_env, state_dir=state_dir)
     services = tuple(restarted if s.name == service else s for s in current.services)
     state.save(dataclasses.replace(current, services=services), state_dir)
@@ -326,6 +332,13 @@ def _remove_empty_dir(path: str) -> bool:
     except OSError:
         logger.warning("left %s in place: something was written into it", path)
         return False
+    return True
+
+
+def _remove_file(path: Path) -> bool:
+    if not path.exists():
+        return False
+    path.unlink()
     return True
 
 

@@ -24,7 +24,10 @@ import threading
 import time
 import uuid
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
+
+import torch
 
 from edgecluster.errors import EdgeClusterError, PeerLostError, PlanError
 from edgecluster.model_config import ModelConfig
@@ -108,7 +111,9 @@ class TrainingRun:
         self.names = unit_names(self.cfg)
         self.run_id = uuid.uuid4().hex
         self.baseline = (
-            Baseline(kind="weights", path=self.model_dir) if self.model_dir else Baseline(kind="seed")
+            Baseline(kind="weights", path=self.model_dir)
+            if self.model_dir
+            else Baseline(kind="seed")
         )
         self.progress = TrainingProgress(
             steps=options.steps,
@@ -155,7 +160,7 @@ class TrainingRun:
                     self.progress.evaluated(step, session.evaluate(eval_round, held_out))
                 while step < o.steps and not stop.is_set():
                     first = step * p.num_micro_batches
-                    result = session.iterate(step, lambda mb, first=first: sampler.batch(first + mb))
+                    result = session.iterate(step, partial(_nth_batch, sampler, first))
                     step += 1
                     eval_loss = None
                     if step == o.steps or (o.eval_every and step % o.eval_every == 0):
@@ -264,7 +269,8 @@ class TrainingRun:
         )
         p = self.options.pipeline
         save_training_state(
-            out / STATE_DIR, step=step, data_position=step * p.num_micro_batches, rng={"seed": p.seed},
+            out / STATE_DIR, step=step, data_position=step * p.num_micro_batches,
+            rng={"seed": p.seed},
             optimizer=optimizer,
             meta={"run_id": self.run_id, "model": json.loads(self.cfg.to_json()),
                   "schedule": p.schedule, "micro_batches": p.num_micro_batches,
@@ -274,6 +280,10 @@ class TrainingRun:
         log.info("checkpoint: %s (step %d)", out, step)
         self.progress.set_state("training")
         return out
+
+
+def _nth_batch(sampler: BatchSampler, first: int, micro_batch: int) -> torch.Tensor:
+    return sampler.batch(first + micro_batch)
 
 
 def dry_run(options: TrainOptions, cluster: ClusterSpec, cfg: ModelConfig) -> str:

@@ -98,7 +98,9 @@ class _Session:
     def initialize(self) -> None:
         have = RETAINED if RETAINED.run_id == self.spec.run_id else Retained()
         self.mbox.send(
-            COORDINATOR, (m.HAVE, 0, 0, 0), torch.tensor([have.step, *have.units], dtype=torch.int64)
+            COORDINATOR,
+            (m.HAVE, 0, 0, 0),
+            torch.tensor([have.step, *have.units], dtype=torch.int64),
         )
         _, (rows, start) = self.mbox.recv((m.INIT, 0, 0, 0), COORDINATOR)
         self._move_units(rows.reshape(-1, 3).tolist(), have)
@@ -143,8 +145,8 @@ class _Session:
 
     def iterate(self, step: int) -> None:
         busy = 0.0
-        for micro_batch, kind, stage in self.spec.orders.get(self.rank, ()):
-            busy += self._run(step, micro_batch, kind, stage)
+        for micro_batch, kind, stage_index in self.spec.orders.get(self.rank, ()):
+            busy += self._run(step, micro_batch, kind, stage_index)
         started = time.perf_counter()
         tokens = self.spec.hyper.micro_batch_size * self.spec.hyper.seq_len
         for index in sorted(self.worker.modules):
@@ -173,7 +175,7 @@ class _Session:
             _, (ids,) = self.mbox.recv((m.DATA, step, mb, 0), COORDINATOR)
             started = time.perf_counter()
             self._targets[mb] = ids[:, 1:]
-            out = module.embed(ids[:, :-1])
+            out = self.worker.stage0.embed(ids[:, :-1])
             self._kept[(mb, 0)] = (None, out)
             self.mbox.send(hops[1][1], (m.ACT, step, mb, 1), out.detach())
             return time.perf_counter() - started
@@ -187,7 +189,7 @@ class _Session:
         if kind == "L":
             x = self._recv_activation((m.ACT, step, mb, hop), hops[hop - 1][1])
             started = time.perf_counter()
-            loss = module.loss(x, self._targets.pop(mb))
+            loss = self.worker.stage0.loss(x, self._targets.pop(mb))
             loss.backward()
             assert x.grad is not None
             self.mbox.send(hops[hop - 1][1], (m.GRAD, step, mb, hop - 1), x.grad)
@@ -226,12 +228,12 @@ class _Session:
                 if hop == 0:
                     _, (ids,) = self.mbox.recv((m.EVAL_DATA, round_, b, 0), COORDINATOR)
                     self._targets[-1 - b] = ids[:, 1:]
-                    out = module.embed(ids[:, :-1])
+                    out = self.worker.stage0.embed(ids[:, :-1])
                 else:
                     _, (x,) = self.mbox.recv((m.EVAL_ACT, round_, b, hop), hops[hop - 1][1])
                     if hop == len(hops) - 1:
                         targets = self._targets.pop(-1 - b)
-                        loss = module.loss(x, targets)
+                        loss = self.worker.stage0.loss(x, targets)
                         report = torch.tensor([float(loss), targets.numel()], dtype=torch.float64)
                         self.mbox.send(COORDINATOR, (m.EVAL_LOSS, round_, b, 0), report)
                         continue
@@ -246,4 +248,3 @@ class _Session:
         _, (units,) = self.mbox.recv((m.UNITS, 0, 0, 0), COORDINATOR)
         for unit in units.tolist():
             self.mbox.send(COORDINATOR, (m.STATE, int(unit), 0, 0), *self.worker.unit_state(unit))
-

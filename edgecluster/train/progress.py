@@ -57,7 +57,9 @@ class TrainingProgress:
     def event(self, message: str) -> None:
         log.warning("%s", message)
         with self._lock:
-            self.events.append({"t_s": round(time.monotonic() - self.started, 3), "message": message})
+            self.events.append(
+                {"t_s": round(time.monotonic() - self.started, 3), "message": message}
+            )
         self._write({"event": "note", "message": message})
 
     def planned(self, plan: PipelinePlan, agents: dict[str, int]) -> None:
@@ -101,7 +103,7 @@ class TrainingProgress:
                      "it": f"{result.iteration_s:.2f}s"}  # fmt: skip
             if self.eval_loss is not None:
                 shown["eval"] = f"{self.eval_loss:.4f}"
-            busy = record["busy"]
+            busy = {n: min(1.0, b / result.iteration_s) for n, b in result.busy_s.items()}
             shown["busy"] = " ".join(f"{v:.0%}" for v in busy.values())
             self._bar.set_postfix(shown, refresh=True)
         return record
@@ -150,7 +152,9 @@ class TrainingProgress:
                 "tokens_per_s": last["tokens_per_s"] if last else None,
                 "iteration_s": last["iteration_s"] if last else None,
                 "predicted_iteration_s": self.predicted_iteration_s,
-                "eta_s": None if per_step is None else round(per_step * (self.steps - self.step), 1),
+                "eta_s": None
+                if per_step is None
+                else round(per_step * (self.steps - self.step), 1),
                 "busy": last["busy"] if last else {},
                 "held_out": self.held_out,
                 "plan": self.plan,

@@ -9,12 +9,14 @@ the coordinator has interrupted every other agent, so the caller can re-plan.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -25,6 +27,7 @@ from edgecluster.net.auth import derive_session_key
 from edgecluster.net.datachannel import DataListener
 from edgecluster.net.pb import edgecluster_pb2 as pb
 from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
+from edgecluster.plan.cluster_file import LinkTable, incoming_links, link_matrix
 from edgecluster.runtime.agent import reachable_host
 from edgecluster.runtime.agent_calls import AgentCallsFailed, call_all, close_sessions
 from edgecluster.train import spec as m
@@ -55,6 +58,7 @@ class SessionLinks:
     token: str
     encrypt: bool = False
     link_delay_ms: float = 0.0
+    link_table: LinkTable | None = None  # --cluster FILE: per-pair latency and bandwidth
     stub_for: Callable[[MemberInfo], pb_grpc.AgentStub] | None = None
 
 
@@ -69,7 +73,7 @@ class TrainingSession:
         self._links = links
         self.session_id = uuid.uuid4().hex
         assert links.stub_for is not None
-        self._stubs = {mem.id: links.stub_for(mem) for mem in members}
+        self._stubs: dict[str, pb_grpc.AgentStub] = {mem.id: links.stub_for(mem) for mem in members}
         self.comm = self._open()
         self.mbox = Mailbox(self.comm)
         self.comm.begin_step()
@@ -80,6 +84,10 @@ class TrainingSession:
         endpoints = [f"{mem.address.rpartition(':')[0]}:{mem.data_port}" for mem in self.members]
         links.listener.expect(self.session_id, key, links.link_delay_ms, links.encrypt)
         training_json = self.spec.to_json()
+        matrix = link_matrix(links.link_table, self.names) if links.link_table else None
+
+        def incoming(rank: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+            return ((), ()) if matrix is None else incoming_links(matrix, rank)
 
         def open_on(rank: int, member: MemberInfo) -> pb.AgentStatus:
             hub = f"{reachable_host(links.host, member.address)}:{links.listener.port}"
@@ -87,17 +95,21 @@ class TrainingSession:
                 session_id=self.session_id, key_salt=salt, encrypt_data=links.encrypt,
                 rank=rank, endpoints=[hub, *endpoints], algorithm="ring",
                 compute_dtype="float32", link_delay_ms=links.link_delay_ms,
+                link_delays_ms=incoming(rank)[0], link_bandwidths_mb_s=incoming(rank)[1],
                 peer_names=self.names, kind="training", training_json=training_json,
             )  # fmt: skip
             return self._stubs[member.id].OpenSession(request, timeout=OPEN_DEADLINE_S)
 
-        calls = {mem.id: (lambda r=r, mem=mem: open_on(r, mem)) for r, mem in enumerate(self.members, 1)}
+        calls: dict[str, Callable[[], pb.AgentStatus]] = {
+            mem.id: partial(open_on, r, mem) for r, mem in enumerate(self.members, 1)
+        }
         try:
             call_all(calls, {mem.id: mem.name for mem in self.members}, "OpenSession")
             config = SessionConfig(
                 session_id=self.session_id, session_key=key, encrypt=links.encrypt, rank=0,
                 endpoints=(f"{links.host}:{links.listener.port}", *endpoints),
-                link_delay_ms=links.link_delay_ms,
+                link_delay_ms=links.link_delay_ms, link_delays_ms=incoming(0)[0],
+                link_bandwidths_mb_s=incoming(0)[1],
             )  # fmt: skip
             return Communicator.connect(config, links.listener, self.names)
         except (AgentCallsFailed, Exception):
@@ -201,7 +213,9 @@ class TrainingSession:
         return loss_sum / max(tokens, 1.0)
 
     def _command(self, rank: int, command: int, step: int, arg: int) -> None:
-        self.mbox.send(rank, (m.CMD, 0, 0, 0), torch.tensor([command, step, arg], dtype=torch.int64))
+        self.mbox.send(
+            rank, (m.CMD, 0, 0, 0), torch.tensor([command, step, arg], dtype=torch.int64)
+        )
 
     def interrupt(self, reason: str) -> None:
         self.mbox.interrupt_all(reason)
@@ -209,10 +223,8 @@ class TrainingSession:
     def close(self, *, stop: bool) -> None:
         if stop:
             for rank in self.spec.ranks:
-                try:
+                with contextlib.suppress(Exception):  # closing anyway
                     self._command(rank, m.STOP, 0, 0)
-                except Exception:  # noqa: BLE001 - closing anyway
-                    pass
         self.mbox.close()
         self.comm.close()
         self._links.listener.forget(self.session_id)

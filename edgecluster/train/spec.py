@@ -111,7 +111,9 @@ class TrainingSpec:
                 if not 0 <= stage < len(self.stages) or rank not in self.stages[stage].ranks:
                     raise ValueError(f"micro-batch {m}: hop ({stage}, {rank}) is not in the plan")
         if set(self.orders) - ranks:
-            raise ValueError(f"orders for ranks {sorted(set(self.orders) - ranks)} outside the plan")
+            raise ValueError(
+                f"orders for ranks {sorted(set(self.orders) - ranks)} outside the plan"
+            )
         if len(self.paths) != self.hyper.num_micro_batches:
             raise ValueError(
                 f"{len(self.paths)} paths for {self.hyper.num_micro_batches} micro-batches"
@@ -165,9 +167,7 @@ class TrainingSpec:
                     )
                     for s in raw["stages"]
                 ),
-                paths=tuple(
-                    tuple((int(s), int(r)) for s, r in hops) for hops in raw["paths"]
-                ),
+                paths=tuple(tuple((int(s), int(r)) for s, r in hops) for hops in raw["paths"]),
                 orders={
                     int(r): tuple((int(m), _kind(k), int(s)) for m, k, s in acts)
                     for r, acts in raw["orders"].items()

@@ -24,7 +24,9 @@ def unit_names(cfg: ModelConfig) -> dict[int, list[str]]:
     with torch.device("meta"):
         head = EmbedHeadStage(cfg)
         layers = LayerStage(cfg, 0, cfg.num_layers)
-    names: dict[int, list[str]] = {EMBED_HEAD: [head.hf_names()[n] for n, _ in head.named_parameters()]}
+    names: dict[int, list[str]] = {
+        EMBED_HEAD: [head.hf_names()[n] for n, _ in head.named_parameters()]
+    }
     hf = layers.hf_names()
     for i in range(cfg.num_layers):
         prefix = f"layers.{i}."
@@ -59,9 +61,7 @@ class Baseline:
             return "random initialisation from the seed (step 0)"
         return f"{self.kind} {self.path} (step {self.step})"
 
-    def unit_states(
-        self, cfg: ModelConfig, units: list[int]
-    ) -> Mapping[int, list[torch.Tensor]]:
+    def unit_states(self, cfg: ModelConfig, units: list[int]) -> Mapping[int, list[torch.Tensor]]:
         """Each unit's state list (parameters only for plain weights)."""
         assert self.path is not None, "a seed baseline has no tensors"
         names = unit_names(cfg)

@@ -63,6 +63,12 @@ class StageWorker:
                 foreach=False,  # per tensor: the same arithmetic whatever the split
             )
 
+    @property
+    def stage0(self) -> EmbedHeadStage:
+        module = self.modules[0]
+        assert isinstance(module, EmbedHeadStage), "stage 0 is the embedding and the head"
+        return module
+
     def init_from_seed(self) -> None:
         for module in self.modules.values():
             init_parameters(module, self.spec.model, self.spec.hyper.seed)

@@ -214,7 +214,7 @@ class PutShardReply(_message.Message):
     def __init__(self, bytes_received: _Optional[int] = ..., blocks_stored: _Optional[int] = ...) -> None: ...
 
 class SessionSpec(_message.Message):
-    __slots__ = ("session_id", "key_salt", "rank", "endpoints", "algorithm", "shard_key", "compute_dtype", "window_blocks", "max_context", "link_delay_ms", "kv_dtype", "kv_budget_tokens", "encrypt_data", "peer_names", "kind", "training_json")
+    __slots__ = ("session_id", "key_salt", "rank", "endpoints", "algorithm", "shard_key", "compute_dtype", "window_blocks", "max_context", "link_delay_ms", "kv_dtype", "kv_budget_tokens", "encrypt_data", "peer_names", "link_delays_ms", "link_bandwidths_mb_s", "kind", "training_json")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_SALT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +229,8 @@ class SessionSpec(_message.Message):
     KV_BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ENCRYPT_DATA_FIELD_NUMBER: _ClassVar[int]
     PEER_NAMES_FIELD_NUMBER: _ClassVar[int]
+    LINK_DELAYS_MS_FIELD_NUMBER: _ClassVar[int]
+    LINK_BANDWIDTHS_MB_S_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     TRAINING_JSON_FIELD_NUMBER: _ClassVar[int]
     session_id: str
@@ -245,9 +247,11 @@ class SessionSpec(_message.Message):
     kv_budget_tokens: int
     encrypt_data: bool
     peer_names: _containers.RepeatedScalarFieldContainer[str]
+    link_delays_ms: _containers.RepeatedScalarFieldContainer[float]
+    link_bandwidths_mb_s: _containers.RepeatedScalarFieldContainer[float]
     kind: str
     training_json: str
-    def __init__(self, session_id: _Optional[str] = ..., key_salt: _Optional[bytes] = ..., rank: _Optional[int] = ..., endpoints: _Optional[_Iterable[str]] = ..., algorithm: _Optional[str] = ..., shard_key: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., window_blocks: _Optional[int] = ..., max_context: _Optional[int] = ..., link_delay_ms: _Optional[float] = ..., kv_dtype: _Optional[str] = ..., kv_budget_tokens: _Optional[int] = ..., encrypt_data: _Optional[bool] = ..., peer_names: _Optional[_Iterable[str]] = ..., kind: _Optional[str] = ..., training_json: _Optional[str] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., key_salt: _Optional[bytes] = ..., rank: _Optional[int] = ..., endpoints: _Optional[_Iterable[str]] = ..., algorithm: _Optional[str] = ..., shard_key: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., window_blocks: _Optional[int] = ..., max_context: _Optional[int] = ..., link_delay_ms: _Optional[float] = ..., kv_dtype: _Optional[str] = ..., kv_budget_tokens: _Optional[int] = ..., encrypt_data: _Optional[bool] = ..., peer_names: _Optional[_Iterable[str]] = ..., link_delays_ms: _Optional[_Iterable[float]] = ..., link_bandwidths_mb_s: _Optional[_Iterable[float]] = ..., kind: _Optional[str] = ..., training_json: _Optional[str] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
     __slots__ = ("node_id", "session_id", "streaming", "window_blocks", "read_bytes_per_s", "weight_bytes", "resident_weight_bytes", "peak_rss_bytes", "rss_bytes")
