@@ -11,13 +11,10 @@ memory by kind (anonymous, file-backed) while it runs.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -25,9 +22,10 @@ from typing import Self
 
 from common import free_tcp_port
 from coordinator_process import CoordinatorProcess, stop_process_group
+from device_processes import DeviceProcess, DeviceProcesses, launcher, tail
 from rss_sampler import RssSampler
 
-from edgecluster.device.emulated import DeviceLimits, EmulatedDevice
+from edgecluster.device.emulated import DeviceLimits
 
 HOST = "127.0.0.1"
 TOKEN = "bench-streaming-token"
@@ -58,45 +56,28 @@ class ClusterLayout:
         return f"{self.tag}-agent-{index}"
 
 
-@dataclass
-class DeviceProcess:
-    """A process started inside its own emulated device."""
-
-    name: str
-    device: EmulatedDevice
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-
-def _launcher(script: str, module: str) -> list[str]:
-    path = Path(sys.executable).parent / script
-    return [str(path)] if path.exists() else [sys.executable, "-m", module]
-
-
 class EmulatedCluster:
     def __init__(self, layout: ClusterLayout) -> None:
         self.layout = layout
         self.http_port, self.grpc_port = free_tcp_port(HOST), free_tcp_port(HOST)
         self.coordinator: DeviceProcess | None = None
         self.agents: list[DeviceProcess] = []
-        self.rss = RssSampler({})  # peaks of each process's RSS by kind, while it runs
-        self._stack = ExitStack()
+        self._devices = DeviceProcesses(layout.work_dir)
+
+    @property
+    def rss(self) -> RssSampler:
+        """Peaks of each process's RSS by kind, while it runs."""
+        return self._devices.rss
 
     def __enter__(self) -> Self:
-        self._stack.__enter__()
+        self._devices.__enter__()
         try:
-            self.layout.work_dir.mkdir(parents=True, exist_ok=True)
             self.coordinator = self._start("coordinator", self._coordinator_argv())
             for i in range(self.layout.num_agents):
                 name = self.layout.agent_name(i)
                 self.agents.append(self._start(name, self._agent_argv(i)))
-            self._stack.enter_context(self.rss)
         except BaseException:
-            self._stack.__exit__(*sys.exc_info())
+            self._devices.__exit__(*sys.exc_info())
             raise
         return self
 
@@ -108,31 +89,22 @@ class EmulatedCluster:
     ) -> None:
         if self.coordinator is not None:  # first, or it re-plans as each agent leaves
             stop_process_group(self.coordinator.proc)
-        self._stack.__exit__(exc_type, exc, tb)
+        self._devices.__exit__(exc_type, exc, tb)
 
     def _start(self, role: str, argv: list[str]) -> DeviceProcess:
         """Opens the role's device and starts `argv` in it; both are undone on exit."""
         layout = self.layout
         limits = layout.coordinator_limits if role == "coordinator" else layout.agent_limits
         name = role if role.startswith(layout.tag) else f"{layout.tag}-{role}"
-        device = self._stack.enter_context(EmulatedDevice(name, limits, io_path=layout.work_dir))
-        log_path = layout.work_dir / f"{name}.log"
         cache = {"EDGE_CACHE_DIR": str(layout.work_dir / "coordinator-cache")}
-        with open(log_path, "wb") as log:
-            proc = device.popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env={**os.environ, **cache},
-            )  # fmt: skip
-        self._stack.callback(stop_process_group, proc)
-        self.rss.add(name, proc.pid)
-        return DeviceProcess(name=name, device=device, proc=proc, log_path=log_path)
+        return self._devices.start(name, limits, argv, env=cache)
 
     def _coordinator_argv(self) -> list[str]:
         layout = self.layout
         memory = layout.coordinator_limits.memory_bytes
         limit = ["--memory-limit", str(memory)] if memory else []
         return [
-            *_launcher("edge-coordinator", "coordinator.cli"), "serve",
+            *launcher("edge-coordinator", "coordinator.cli"), "serve",
             "--model", str(layout.model_dir), "--min-agents", str(layout.num_agents),
             "--no-mdns", "--dtype", layout.dtype, "--storage-dtype", layout.dtype,
             "--max-context", str(layout.max_context), "--host", HOST,
@@ -144,7 +116,7 @@ class EmulatedCluster:
         layout = self.layout
         name = layout.agent_name(index)
         return [
-            *_launcher("edge-agent", "agents.cli"), "join", f"{HOST}:{self.grpc_port}",
+            *launcher("edge-agent", "agents.cli"), "join", f"{HOST}:{self.grpc_port}",
             "--token", TOKEN, "--no-mdns", "--name", name,
             "--data-dir", str(layout.work_dir / name),
             "--memory-limit", str(layout.agent_limits.memory_bytes), "--threads", "1",
@@ -174,15 +146,11 @@ class EmulatedCluster:
         raise TimeoutError(f"the cluster was not ready in {timeout_s:.0f} s; {server.tail()}")
 
     def _check_alive(self) -> None:
-        for p in self.processes():
-            if p.proc.poll() is not None:
-                oom = " (OOM-killed)" if p.device.oom_killed() else ""
-                tail = _tail(p.log_path)
-                raise RuntimeError(f"{p.name} exited ({p.proc.returncode}){oom}; log:\n{tail}")
+        self._devices.check_alive()
 
     def _progress(self) -> str:
         assert self.coordinator is not None
-        pieces = _TQDM_PIECE.findall(_tail(self.coordinator.log_path, 4096))
+        pieces = _TQDM_PIECE.findall(tail(self.coordinator.log_path, 4096))
         return f" [{pieces[-1].strip()}]" if pieces else ""
 
 
@@ -193,9 +161,3 @@ def _health(server: CoordinatorProcess) -> tuple[int, str]:
         return 0, "starting"
     state = body.get("state") if isinstance(body, dict) else None
     return status, str(state or body)
-
-
-def _tail(path: Path, num_bytes: int = 2048) -> str:
-    with open(path, "rb") as f:
-        f.seek(max(0, path.stat().st_size - num_bytes))
-        return f.read().decode(errors="replace")

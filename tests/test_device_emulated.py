@@ -90,6 +90,21 @@ def test_cpu_quota_limits_a_busy_loop() -> None:
 
 
 @needs_cgroups
+def test_set_cpus_changes_the_quota_of_a_running_device() -> None:
+    with EmulatedDevice(PREFIX + "setcpu", DeviceLimits(memory_bytes=64 << 20)) as device:
+        assert cgroup_v1.read_value(device.paths["cpu"], "cpu.cfs_quota_us") == "-1"
+        proc = device.popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        device.set_cpus(0.3)
+        assert cgroup_v1.read_value(device.paths["cpu"], "cpu.cfs_quota_us") == "30000"
+        device.set_cpus(None)
+        assert cgroup_v1.read_value(device.paths["cpu"], "cpu.cfs_quota_us") == "-1"
+        with pytest.raises(ValueError, match="kernel minimum"):
+            device.set_cpus(0.001)
+        assert proc.poll() is None
+    proc.wait(timeout=10)
+
+
+@needs_cgroups
 def test_reads_do_not_poll_under_a_cpu_quota() -> None:
     """Polling before a blocking read would spend an emulated device's CPU quota."""
     probe = "from edgecluster.net.polling_reader import default_spin_us; print(default_spin_us())"

@@ -139,13 +139,19 @@ class EmulatedDevice:
             if (memory / "memory.memsw.limit_in_bytes").exists():
                 cgroup_v1.write_value(memory, "memory.memsw.limit_in_bytes", limits.memory_bytes)
         if limits.cpus is not None:
-            quota = max(MIN_CFS_QUOTA_US, round(limits.cpus * CFS_PERIOD_US))
-            cgroup_v1.write_value(self.paths["cpu"], "cpu.cfs_period_us", CFS_PERIOD_US)
-            cgroup_v1.write_value(self.paths["cpu"], "cpu.cfs_quota_us", quota)
+            self.set_cpus(limits.cpus)
         if limits.read_bytes_per_s is not None:
             major, minor = self.block_device()
             rule = f"{major}:{minor} {limits.read_bytes_per_s}"
             cgroup_v1.write_value(self.paths["blkio"], "blkio.throttle.read_bps_device", rule)
+
+    def set_cpus(self, cpus: float | None) -> None:
+        """Change the CPU quota, also while processes run in the device (None: unlimited)."""
+        if cpus is not None and cpus * CFS_PERIOD_US < MIN_CFS_QUOTA_US:
+            raise ValueError(f"cpus={cpus} is below the kernel minimum; give >= 0.01")
+        quota = -1 if cpus is None else round(cpus * CFS_PERIOD_US)
+        cgroup_v1.write_value(self.paths["cpu"], "cpu.cfs_period_us", CFS_PERIOD_US)
+        cgroup_v1.write_value(self.paths["cpu"], "cpu.cfs_quota_us", quota)
 
     def block_device(self) -> block.DeviceNumber:
         """Whole disk whose reads are throttled: `limits.device`, else the one under io_path."""
