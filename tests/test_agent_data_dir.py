@@ -9,6 +9,7 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from edgecluster.runtime.data_dir_lock import data_dir_in_use, lock_data_dir, release_data_dir
@@ -113,3 +114,20 @@ def test_prune_keeps_the_shard_in_use_and_the_most_recently_used(tmp_path: Path)
     for key in ("a", "b", "c"):
         _fill(unlimited, key, 100)
     assert unlimited.shard_keys() == ["a", "b", "c"]
+
+
+def test_a_holder_that_has_not_written_its_pid_yet_is_still_refused(tmp_path: Path) -> None:
+    """Two agents starting at once: one holds the lock, its pid not yet written."""
+    import fcntl
+
+    from edgecluster.runtime.data_dir_lock import LOCK_FILE, DataDirInUse
+
+    data_dir = tmp_path / "racing"
+    data_dir.mkdir()
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, still empty
+        with pytest.raises(DataDirInUse, match="in use by another agent;"):
+            lock_data_dir(data_dir)
+    finally:
+        os.close(fd)

@@ -93,7 +93,9 @@ def release_data_dir(data_dir: Path) -> None:
 
 
 def _holder(fd: int) -> str:
-    with contextlib.suppress(OSError, ValueError):
+    """The holder's pid as written in the lock file; empty when the holder has locked
+    but not yet written it (two agents starting at once)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
         pid = int(os.pread(fd, 32, 0).split()[0])
         return f" (pid {pid})"
     return ""
