@@ -276,18 +276,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"edge-coordinator: {exc}", file=sys.stderr)
         return 2
-    taken = _taken_port(config)
-    if taken:
-        print(f"edge-coordinator: {taken}", file=sys.stderr)
+    stop = ready_to_run(config)
+    if stop is None:
         return 2
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
 
     def announce(node: Any) -> None:
         _announce(node, token, generated, api_key_generated)
 
     return run_coordinator(config, stop, on_ready=announce)
+
+
+def ready_to_run(config: CoordinatorConfig) -> threading.Event | None:
+    """The event SIGTERM and SIGINT set; None (one line printed) when a port is taken."""
+    taken = _taken_port(config)
+    if taken:
+        print(f"edge-coordinator: {taken}", file=sys.stderr)
+        return None
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
 
 
 def _taken_port(config: CoordinatorConfig) -> str | None:

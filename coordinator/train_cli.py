@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -101,7 +100,7 @@ def _dry_run_file(options: Any, as_json: bool) -> int:
 
 
 def _train(args: argparse.Namespace, options: Any) -> int:
-    from coordinator.cli import _taken_port, cluster_fields, resolve_api_key
+    from coordinator.cli import cluster_fields, ready_to_run, resolve_api_key
     from edgecluster.config import CoordinatorConfig
     from edgecluster.net.auth import generate_token
     from edgecluster.runtime.coordinator import CoordinatorNode
@@ -109,13 +108,9 @@ def _train(args: argparse.Namespace, options: Any) -> int:
     token = args.token or generate_token()
     api_key, _ = resolve_api_key(args)
     config = CoordinatorConfig(**cluster_fields(args, token, api_key, model="none"))
-    taken = _taken_port(config)
-    if taken:
-        print(f"edge-coordinator: {taken}", file=sys.stderr)
+    stop = ready_to_run(config)
+    if stop is None:
         return 2
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     node = CoordinatorNode(config)
     http_stop = threading.Event()
     try:
