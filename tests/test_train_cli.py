@@ -192,3 +192,44 @@ def _serves(model_dir: Path, tmp_path: Path) -> None:
             server.wait(timeout=15)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_losing_a_stage_everywhere_rolls_back_to_the_checkpoint(
+    procs: ProcessPool,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Three agents, three stages, one agent each: when the only holder of a layer stage
+    dies, its layers survive nowhere, so training goes on from the last checkpoint."""
+    (tmp_path / "config.json").write_text(json.dumps(BYTE_CONFIG))
+    argv = _train_argv(
+        "--model", "config.json", "--data", str(GENESIS), "--min-agents", "3",
+        "--schedule", "gpipe", "--stages", "3", "--micro-batches", "2", "--seq-len", "32",
+        "--lr", "3e-3", "--steps", "14", "--eval-every", "0", "--checkpoint-every", "4",
+        "--log-json", "log.jsonl", "--checkpoint-dir", "ck",
+    )  # fmt: skip
+    http_port, grpc_port = (int(argv[argv.index(flag) + 1]) for flag in ("--port", "--grpc-port"))
+    coordinator = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        agents = {
+            n: procs.agent(f"127.0.0.1:{grpc_port}", token="t", name=n) for n in ("ra", "rb", "rc")
+        }
+        log = tmp_path / "log.jsonl"
+        wait_until(lambda: log.exists() and len(_steps(_log(log))) >= 6, 120, "6 training steps")
+        view = _training_view(http_port)
+        assert view is not None and view["plan"] is not None
+        victim = view["plan"]["stages"][-1]["agents"][0]  # the last layer stage's only holder
+        os.killpg(agents[victim].pid, signal.SIGKILL)
+        out, _ = coordinator.communicate(timeout=180)
+        assert coordinator.returncode == 0, out.decode()[-3000:]
+    finally:
+        if coordinator.poll() is None:
+            os.killpg(coordinator.pid, signal.SIGKILL)
+    records = _log(tmp_path / "log.jsonl")
+    notes = [r["message"] for r in records if r.get("event") == "note"]
+    assert any("rolled back" in n and "step 4" in n for n in notes), notes
+    steps = [r["step"] for r in _steps(records)]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[restart] == 5, f"training did not go on from the checkpoint at step 4: {steps}"
+    assert steps[restart:] == list(range(5, 15)), steps
+    assert (tmp_path / "ck" / "final" / "model.safetensors").is_file()
