@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,38 +90,60 @@ def _training_view(http_port: int) -> dict[str, Any] | None:
         return None
 
 
-def test_killing_a_replica_loses_no_step(procs: ProcessPool, tmp_path: Path) -> None:  # noqa: F811
+def _kill_mid_run(
+    procs: ProcessPool,  # noqa: F811
+    tmp_path: Path,
+    agents: tuple[str, ...],
+    after_steps: int,
+    pick_victim: Callable[[dict[str, Any]], str],
+    *train_args: str,
+) -> tuple[str, list[dict[str, Any]]]:
+    """Trains a byte-level model on `agents` (real processes), kills the agent that
+    `pick_victim(plan)` names once `after_steps` steps are logged, waits for the run to
+    finish; returns the victim and the JSON log."""
     (tmp_path / "config.json").write_text(json.dumps(BYTE_CONFIG))
     argv = _train_argv(
-        "--model", "config.json", "--data", str(GENESIS), "--min-agents", "3",
-        "--schedule", "gpipe", "--stages", "2", "--micro-batches", "4", "--seq-len", "64",
-        "--lr", "3e-3", "--steps", "40", "--eval-every", "0", "--log-json", "log.jsonl",
-        "--checkpoint-dir", "ck",
+        "--model", "config.json", "--data", str(GENESIS), "--min-agents", str(len(agents)),
+        "--schedule", "gpipe", "--eval-every", "0", "--lr", "3e-3", "--log-json", "log.jsonl",
+        "--checkpoint-dir", "ck", *train_args,
     )  # fmt: skip
-    http_port, grpc_port = (
-        int(argv[argv.index("--port") + 1]),
-        int(argv[argv.index("--grpc-port") + 1]),
-    )
+    http_port, grpc_port = (int(argv[argv.index(flag) + 1]) for flag in ("--port", "--grpc-port"))
     coordinator = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
-        agents = {
-            n: procs.agent(f"127.0.0.1:{grpc_port}", token="t", name=n) for n in ("ka", "kb", "kc")
-        }
+        started = {n: procs.agent(f"127.0.0.1:{grpc_port}", token="t", name=n) for n in agents}
         log = tmp_path / "log.jsonl"
-        wait_until(lambda: log.exists() and len(_steps(_log(log))) >= 3, 120, "3 training steps")
+        wait_until(
+            lambda: log.exists() and len(_steps(_log(log))) >= after_steps, 120,
+            f"{after_steps} training steps",
+        )  # fmt: skip
         view = _training_view(http_port)
         assert view is not None and view["state"] == "training" and view["plan"] is not None
-        replicated = [s for s in view["plan"]["stages"] if len(s["agents"]) > 1]
-        assert replicated, f"the plan has no replicated stage: {view['plan']['stages']}"
-        victim = replicated[0]["agents"][-1]
-        os.killpg(agents[victim].pid, signal.SIGKILL)
+        victim = pick_victim(view["plan"])
+        os.killpg(started[victim].pid, signal.SIGKILL)
         out, _ = coordinator.communicate(timeout=180)
         assert coordinator.returncode == 0, out.decode()[-3000:]
     finally:
         if coordinator.poll() is None:
             os.killpg(coordinator.pid, signal.SIGKILL)
-    records = _log(tmp_path / "log.jsonl")
+    return victim, _log(tmp_path / "log.jsonl")
+
+
+def _a_replica(plan: dict[str, Any]) -> str:
+    replicated = [s for s in plan["stages"] if len(s["agents"]) > 1]
+    assert replicated, f"the plan has no replicated stage: {plan['stages']}"
+    return str(replicated[0]["agents"][-1])
+
+
+def _last_stage_holder(plan: dict[str, Any]) -> str:
+    return str(plan["stages"][-1]["agents"][0])
+
+
+def test_killing_a_replica_loses_no_step(procs: ProcessPool, tmp_path: Path) -> None:  # noqa: F811
+    victim, records = _kill_mid_run(
+        procs, tmp_path, ("ka", "kb", "kc"), 3, _a_replica,
+        "--stages", "2", "--micro-batches", "4", "--seq-len", "64", "--steps", "40",
+    )  # fmt: skip
     steps = [r["step"] for r in _steps(records)]
     assert steps == list(range(1, 41)), f"steps applied twice or lost: {steps}"
     notes = [r["message"] for r in records if r.get("event") == "note"]
@@ -200,32 +223,11 @@ def test_losing_a_stage_everywhere_rolls_back_to_the_checkpoint(
 ) -> None:
     """Three agents, three stages, one agent each: when the only holder of a layer stage
     dies, its layers survive nowhere, so training goes on from the last checkpoint."""
-    (tmp_path / "config.json").write_text(json.dumps(BYTE_CONFIG))
-    argv = _train_argv(
-        "--model", "config.json", "--data", str(GENESIS), "--min-agents", "3",
-        "--schedule", "gpipe", "--stages", "3", "--micro-batches", "2", "--seq-len", "32",
-        "--lr", "3e-3", "--steps", "14", "--eval-every", "0", "--checkpoint-every", "4",
-        "--log-json", "log.jsonl", "--checkpoint-dir", "ck",
+    _, records = _kill_mid_run(
+        procs, tmp_path, ("ra", "rb", "rc"), 6, _last_stage_holder,
+        "--stages", "3", "--micro-batches", "2", "--seq-len", "32", "--steps", "14",
+        "--checkpoint-every", "4",
     )  # fmt: skip
-    http_port, grpc_port = (int(argv[argv.index(flag) + 1]) for flag in ("--port", "--grpc-port"))
-    coordinator = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    try:
-        agents = {
-            n: procs.agent(f"127.0.0.1:{grpc_port}", token="t", name=n) for n in ("ra", "rb", "rc")
-        }
-        log = tmp_path / "log.jsonl"
-        wait_until(lambda: log.exists() and len(_steps(_log(log))) >= 6, 120, "6 training steps")
-        view = _training_view(http_port)
-        assert view is not None and view["plan"] is not None
-        victim = view["plan"]["stages"][-1]["agents"][0]  # the last layer stage's only holder
-        os.killpg(agents[victim].pid, signal.SIGKILL)
-        out, _ = coordinator.communicate(timeout=180)
-        assert coordinator.returncode == 0, out.decode()[-3000:]
-    finally:
-        if coordinator.poll() is None:
-            os.killpg(coordinator.pid, signal.SIGKILL)
-    records = _log(tmp_path / "log.jsonl")
     notes = [r["message"] for r in records if r.get("event") == "note"]
     assert any("rolled back" in n and "step 4" in n for n in notes), notes
     steps = [r["step"] for r in _steps(records)]

@@ -349,3 +349,11 @@ def incoming_links(matrix: LinkMatrix, rank: int) -> tuple[tuple[float, ...], tu
     if not 0 <= rank < len(delays):
         raise ValueError(f"rank {rank} outside a link matrix of {len(delays)} ranks")
     return tuple(row[rank] for row in delays), tuple(row[rank] for row in bandwidths)
+
+
+def session_links(
+    matrix: LinkMatrix | None, rank: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Rank `rank`'s per-peer link delays and bandwidths for its SessionSpec and
+    SessionConfig; empty (no emulation) without a matrix."""
+    return ((), ()) if matrix is None else incoming_links(matrix, rank)

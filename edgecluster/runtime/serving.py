@@ -37,7 +37,7 @@ from edgecluster.net.datachannel import DataListener
 from edgecluster.net.grpc_util import open_channel
 from edgecluster.net.pb import edgecluster_pb2 as pb
 from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
-from edgecluster.plan.cluster_file import LinkMatrix, incoming_links, link_matrix, load_links
+from edgecluster.plan.cluster_file import link_matrix, load_links, session_links
 from edgecluster.plan.tensor_parallel import (
     AgentCapacity,
     AgentPlacement,
@@ -394,7 +394,7 @@ class ServingCluster:
         def open_on(rank: int, placement: AgentPlacement) -> pb.AgentStatus:
             member = members[placement.node_id]
             hub = f"{reachable_host(self.config.host, member.address)}:{self._listener.port}"
-            delays, bandwidths = _session_links(matrix, rank)
+            delays, bandwidths = session_links(matrix, rank)
             spec = pb.SessionSpec(
                 session_id=session_id,
                 key_salt=salt,
@@ -425,7 +425,7 @@ class ServingCluster:
             close_sessions(stubs, session_id)
             self._listener.forget(session_id)
             raise
-        delays, bandwidths = _session_links(matrix, 0)
+        delays, bandwidths = session_links(matrix, 0)
         config = SessionConfig(
             session_id=session_id,
             session_key=key,
@@ -469,13 +469,6 @@ class ServingCluster:
         self._listener.close()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-
-
-def _session_links(
-    matrix: LinkMatrix | None, rank: int
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Rank `rank`'s per-peer link delays and bandwidths (empty: no cluster file)."""
-    return ((), ()) if matrix is None else incoming_links(matrix, rank)
 
 
 def _owned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

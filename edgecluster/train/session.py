@@ -27,9 +27,9 @@ from edgecluster.net.auth import derive_session_key
 from edgecluster.net.datachannel import DataListener
 from edgecluster.net.pb import edgecluster_pb2 as pb
 from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
-from edgecluster.plan.cluster_file import LinkTable, incoming_links, link_matrix
+from edgecluster.plan.cluster_file import LinkTable, link_matrix, session_links
 from edgecluster.runtime.agent import reachable_host
-from edgecluster.runtime.agent_calls import AgentCallsFailed, call_all, close_sessions
+from edgecluster.runtime.agent_calls import call_all, close_sessions
 from edgecluster.train import spec as m
 from edgecluster.train.executor import SEED
 from edgecluster.train.spec import TrainingSpec
@@ -86,16 +86,14 @@ class TrainingSession:
         training_json = self.spec.to_json()
         matrix = link_matrix(links.link_table, self.names) if links.link_table else None
 
-        def incoming(rank: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-            return ((), ()) if matrix is None else incoming_links(matrix, rank)
-
         def open_on(rank: int, member: MemberInfo) -> pb.AgentStatus:
             hub = f"{reachable_host(links.host, member.address)}:{links.listener.port}"
+            delays, bandwidths = session_links(matrix, rank)
             request = pb.SessionSpec(
                 session_id=self.session_id, key_salt=salt, encrypt_data=links.encrypt,
                 rank=rank, endpoints=[hub, *endpoints], algorithm="ring",
                 compute_dtype="float32", link_delay_ms=links.link_delay_ms,
-                link_delays_ms=incoming(rank)[0], link_bandwidths_mb_s=incoming(rank)[1],
+                link_delays_ms=delays, link_bandwidths_mb_s=bandwidths,
                 peer_names=self.names, kind="training", training_json=training_json,
             )  # fmt: skip
             return self._stubs[member.id].OpenSession(request, timeout=OPEN_DEADLINE_S)
@@ -105,14 +103,15 @@ class TrainingSession:
         }
         try:
             call_all(calls, {mem.id: mem.name for mem in self.members}, "OpenSession")
+            delays, bandwidths = session_links(matrix, 0)
             config = SessionConfig(
                 session_id=self.session_id, session_key=key, encrypt=links.encrypt, rank=0,
                 endpoints=(f"{links.host}:{links.listener.port}", *endpoints),
-                link_delay_ms=links.link_delay_ms, link_delays_ms=incoming(0)[0],
-                link_bandwidths_mb_s=incoming(0)[1],
+                link_delay_ms=links.link_delay_ms, link_delays_ms=delays,
+                link_bandwidths_mb_s=bandwidths,
             )  # fmt: skip
             return Communicator.connect(config, links.listener, self.names)
-        except (AgentCallsFailed, Exception):
+        except Exception:  # AgentCallsFailed, PeerLostError, ...: leave nothing open
             close_sessions(self._stubs, self.session_id)
             links.listener.forget(self.session_id)
             raise
