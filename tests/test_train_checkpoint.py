@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,11 +10,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from edgecluster.engine.rope import inverse_frequencies
 from edgecluster.model_config import ModelConfig
 from edgecluster.train.checkpoint import (
+    ARCHITECTURES,
     OPTIMIZER_FILE,
     STATE_FILE,
     TRAINING_STATE_DIR,
+    hf_config_dict,
     load_training_state,
     save_hf_checkpoint,
     save_training_state,
@@ -58,6 +62,31 @@ def test_saved_checkpoint_loads_in_transformers_and_serving(tmp_path: Path, tied
     assert torch.equal(ckpt.tensor("lm_head.weight"), model.head.lm_head.weight.detach())
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "float32"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"rope_scaling": {"type": "linear", "factor": 2}},  # the legacy spelling
+        {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 32}},
+        {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]},
+        {"attention_bias": True, "mlp_bias": True},
+    ],
+    ids=["linear", "llama3", "qwen2", "biases"],
+)  # fmt: skip
+def test_config_reads_back_as_the_same_model(overrides: dict) -> None:
+    source = {**LlamaConfig(hidden_size=32, num_attention_heads=4).to_dict(), **overrides}
+    source.pop("rope_parameters")
+    cfg = ModelConfig.from_hf_dict(source)
+    written = hf_config_dict(cfg)
+    back = ModelConfig.from_hf_dict(written)
+    assert dataclasses.replace(back, rope_scaling=None) == dataclasses.replace(
+        cfg, rope_scaling=None
+    )
+    assert torch.equal(inverse_frequencies(back), inverse_frequencies(cfg))
+    assert written["model_type"] == cfg.model_type
+    assert written["architectures"] == [ARCHITECTURES[cfg.model_type]]
 
 
 def test_tokenizer_files_and_token_ids_are_kept(tmp_path: Path) -> None:

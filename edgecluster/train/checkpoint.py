@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from edgecluster.engine.rope import inverse_frequencies
 from edgecluster.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def hf_config_dict(cfg: ModelConfig, base_config: Mapping[str, Any] | None = Non
         for k, v in (base_config or {}).items()
         if k not in _CFG_KEYS and k not in _DROPPED_KEYS
     }
-    fields: dict[str, Any] = {
+    values: dict[str, Any] = {
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.num_layers,
@@ -83,14 +84,27 @@ def hf_config_dict(cfg: ModelConfig, base_config: Mapping[str, Any] | None = Non
         "dtype": "float32",
     }
     if cfg.model_type != "qwen2":  # qwen2's q/k/v biases are implied by the model type
-        fields.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
-    config: dict[str, Any] = AutoConfig.for_model(cfg.model_type, **{**base, **fields}).to_dict()
+        values.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
+    config: dict[str, Any] = AutoConfig.for_model(cfg.model_type, **{**base, **values}).to_dict()
     config.pop("_name_or_path", None)
-    if ModelConfig.from_hf_dict(config) != cfg:
-        raise ValueError(
-            f"model config {cfg} cannot be written as a transformers {cfg.model_type} config"
-        )
+    _check_round_trip(cfg, ModelConfig.from_hf_dict(config))
     return config
+
+
+def _check_round_trip(cfg: ModelConfig, written: ModelConfig) -> None:
+    """The written config must read back as `cfg` (rope compared by its frequencies)."""
+    differ = [
+        f.name
+        for f in fields(cfg)
+        if f.name != "rope_scaling" and getattr(cfg, f.name) != getattr(written, f.name)
+    ]
+    if not torch.equal(inverse_frequencies(cfg), inverse_frequencies(written)):
+        differ.append("rope_scaling")
+    if differ:
+        raise ValueError(
+            f"the model config cannot be written as a transformers {cfg.model_type} config: "
+            f"{', '.join(differ)} would read back differently"
+        )
 
 
 def save_hf_checkpoint(

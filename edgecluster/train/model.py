@@ -251,7 +251,8 @@ def load_stage_weights(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -
 
     Every parameter must be given with its exact shape and no other name may be; a
     tied module also accepts (and ignores) `lm_head.weight`. Parameters on the meta
-    device are replaced (assign), others copied into.
+    device are replaced by the given tensors themselves (assign: no copy, the module
+    takes them over); others are copied into.
     """
     names = {hf: local for local, hf, _ in _named_hf_parameters(module)}
     extra = set(tensors) - set(names)
