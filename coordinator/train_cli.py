@@ -130,8 +130,8 @@ def _training_run(node: Any, config: Any, options: Any) -> Any:
     from edgecluster.net.grpc_util import open_channel
     from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
     from edgecluster.plan.cluster_file import load_links
+    from edgecluster.runtime.session_open import SessionLinks
     from edgecluster.train.driver import TrainingRun
-    from edgecluster.train.session import SessionLinks
 
     links = SessionLinks(
         listener=DataListener(config.host, config.data_port), host=config.host,
@@ -176,7 +176,7 @@ def _dry_run_live(run: Any, stop: threading.Event) -> int:
     from edgecluster.plan.pipeline_describe import describe_plan
     from edgecluster.train.driver import cluster_of
 
-    members = run._wait_for_agents(stop)
+    members = run.wait_for_agents(stop)
     if members is None:
         return 1
     from edgecluster.plan.pipeline import compare_schedules

@@ -21,7 +21,8 @@ from edgecluster.plan.cluster_file import ClusterSpec, DeviceSpec, LinkSpec
 from edgecluster.plan.pipeline import PipelineOptions, PipelinePlan, plan_pipeline
 from edgecluster.plan.pipeline_stages import Stage, StageAllocation
 from edgecluster.runtime.coordinator import CoordinatorNode
-from edgecluster.train.session import SessionLinks, TrainingSession
+from edgecluster.runtime.session_open import SessionLinks
+from edgecluster.train.session import TrainingSession
 from edgecluster.train.spec import Hyper, spec_from_plan
 from edgecluster.types import MemberInfo
 from tests.procs import ProcessPool, free_port

@@ -206,7 +206,6 @@ class Mailbox:
             return tensor
         if tensor.numel() * tensor.element_size() >= RING_MIN_BYTES:
             return self._ring(tensor, group, tag)
-        kind, a, b, _ = tag
         for peer in group:
             if peer != self.rank:
                 self.send(peer, tag, tensor)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import threading
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -28,33 +27,29 @@ import grpc
 import torch
 
 from edgecluster.api.backend import BackendBusy, BackendUnavailable, SamplingParams
-from edgecluster.comm.communicator import Communicator, SessionConfig, serving_algorithm
+from edgecluster.comm.communicator import Communicator, serving_algorithm
 from edgecluster.config import CoordinatorConfig
 from edgecluster.engine.hub import HubModel
 from edgecluster.errors import EdgeClusterError, PeerLostError
-from edgecluster.net.auth import derive_session_key
 from edgecluster.net.datachannel import DataListener
 from edgecluster.net.grpc_util import open_channel
-from edgecluster.net.pb import edgecluster_pb2 as pb
 from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
-from edgecluster.plan.cluster_file import link_matrix, load_links, session_links
+from edgecluster.plan.cluster_file import load_links
 from edgecluster.plan.tensor_parallel import (
     AgentCapacity,
     AgentPlacement,
     TensorParallelPlan,
     plan_within_kv_budget,
 )
-from edgecluster.runtime.agent import reachable_host
 from edgecluster.runtime.agent_calls import (
     AgentCallsFailed,
-    call_all,
-    close_sessions,
     open_deadline_s,
 )
 from edgecluster.runtime.capacity import check_hub_memory
 from edgecluster.runtime.membership import Membership
 from edgecluster.runtime.roster import Roster
 from edgecluster.runtime.scheduler import GenRequest, Scheduler
+from edgecluster.runtime.session_open import SessionLinks, open_session
 from edgecluster.runtime.shard_distribution import distribute, shard_key
 from edgecluster.runtime.tokenizer import ChatTokenizer
 from edgecluster.types import MemberInfo
@@ -116,7 +111,11 @@ class ServingCluster:
         check_hub_memory(config.memory_limit_bytes, self.hub.weight_bytes)
         self._model_id = model_fingerprint(model_dir, config.cache_dir)
         self._listener = DataListener(config.host, config.data_port)
-        self._links = load_links(config.cluster_file) if config.cluster_file else None
+        self._session_links = SessionLinks(
+            listener=self._listener, host=config.host, token=config.token,
+            encrypt=config.tls.serves_tls, link_delay_ms=config.link_delay_ms,
+            link_table=load_links(config.cluster_file) if config.cluster_file else None,
+        )  # fmt: skip
         self.scheduler = Scheduler()
         self.scheduler.on_lost = self._lost
         self.scheduler.on_failed = self._step_failed
@@ -382,65 +381,24 @@ class ServingCluster:
         stubs: dict[str, pb_grpc.AgentStub],
         keys: dict[str, str],
     ) -> Communicator:
-        session_id, salt = uuid.uuid4().hex, secrets.token_bytes(16)
-        key = derive_session_key(self.config.token, session_id, salt)  # never sent
-        encrypt = self.config.tls.serves_tls  # TLS clusters seal data-channel frames
         order = [members[p.node_id] for p in plan.placements]
-        agent_endpoints = [f"{m.address.rpartition(':')[0]}:{m.data_port}" for m in order]
-        names = ["coordinator", *[m.name for m in order]]
-        matrix = link_matrix(self._links, names) if self._links is not None else None
-        self._listener.expect(session_id, key, self.config.link_delay_ms, encrypt)
+        placement = {p.node_id: p for p in plan.placements}
 
-        def open_on(rank: int, placement: AgentPlacement) -> pb.AgentStatus:
-            member = members[placement.node_id]
-            hub = f"{reachable_host(self.config.host, member.address)}:{self._listener.port}"
-            delays, bandwidths = session_links(matrix, rank)
-            spec = pb.SessionSpec(
-                session_id=session_id,
-                key_salt=salt,
-                encrypt_data=encrypt,
-                rank=rank,
-                endpoints=[hub, *agent_endpoints],
-                algorithm=serving_algorithm(),
-                shard_key=keys[placement.node_id],
+        def fields_for(rank: int, member: MemberInfo) -> dict[str, Any]:
+            return dict(
+                algorithm=serving_algorithm(), shard_key=keys[member.id],
                 compute_dtype=self.weights.compute_dtype,
-                window_blocks=placement.window_blocks,
-                max_context=self.context_length,
-                link_delay_ms=self.config.link_delay_ms,
-                link_delays_ms=delays,
-                link_bandwidths_mb_s=bandwidths,
-                kv_dtype=self._kv_dtype,
+                window_blocks=placement[member.id].window_blocks,
+                max_context=self.context_length, kv_dtype=self._kv_dtype,
                 kv_budget_tokens=plan.kv_budget_tokens,
-                peer_names=names,
-            )
-            deadline = open_deadline_s(placement.weight_bytes)
-            return stubs[placement.node_id].OpenSession(spec, timeout=deadline)
+            )  # fmt: skip
 
-        calls = {
-            p.node_id: (lambda r=r, p=p: open_on(r, p)) for r, p in enumerate(plan.placements, 1)
-        }
         try:
-            call_all(calls, {m.id: m.name for m in order}, "OpenSession")
-        except AgentCallsFailed:
-            close_sessions(stubs, session_id)
-            self._listener.forget(session_id)
-            raise
-        delays, bandwidths = session_links(matrix, 0)
-        config = SessionConfig(
-            session_id=session_id,
-            session_key=key,
-            encrypt=encrypt,
-            rank=0,
-            endpoints=(f"{self.config.host}:{self._listener.port}", *agent_endpoints),
-            link_delay_ms=self.config.link_delay_ms,
-            link_delays_ms=delays,
-            link_bandwidths_mb_s=bandwidths,
-        )
-        try:
-            comm = Communicator.connect(config, self._listener, ["hub", *[m.name for m in order]])
+            comm = open_session(
+                self._session_links, uuid.uuid4().hex, order, stubs, fields_for=fields_for,
+                deadline_for=lambda m: open_deadline_s(placement[m.id].weight_bytes),
+            )  # fmt: skip
         except PeerLostError as exc:  # its session opened, its data link did not
-            close_sessions(stubs, session_id)
-            self._listener.forget(session_id)
             for member in order:
                 if member.name == exc.peer:
                     why = f"its data link did not open ({exc})"

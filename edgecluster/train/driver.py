@@ -29,19 +29,24 @@ from pathlib import Path
 
 import torch
 
-from edgecluster.errors import EdgeClusterError, PeerLostError, PlanError
+from edgecluster.errors import PeerLostError, PlanError
 from edgecluster.model_config import ModelConfig
 from edgecluster.plan.cluster_file import ClusterSpec, DeviceSpec, LinkSpec, load_cluster_file
-from edgecluster.plan.pipeline import PipelinePlan, compare_schedules, plan_pipeline
+from edgecluster.plan.pipeline import PipelinePlan, plan_pipeline
 from edgecluster.plan.pipeline_describe import describe_plan
 from edgecluster.runtime.agent_calls import AgentCallsFailed
 from edgecluster.runtime.membership import Membership
-from edgecluster.train.checkpoint import save_hf_checkpoint, save_training_state
+from edgecluster.runtime.session_open import SessionLinks
+from edgecluster.train.checkpoint import (
+    TRAINING_STATE_DIR,
+    save_hf_checkpoint,
+    save_training_state,
+)
 from edgecluster.train.data import BatchSampler, load_texts, prepare_tokens, tokenizer_for
 from edgecluster.train.options import TrainOptions
 from edgecluster.train.progress import TrainingProgress
-from edgecluster.train.resume import STATE_DIR, find_latest_checkpoint
-from edgecluster.train.session import SessionLinks, TrainingSession
+from edgecluster.train.resume import find_latest_checkpoint
+from edgecluster.train.session import TrainingSession
 from edgecluster.train.spec import Hyper, spec_from_plan
 from edgecluster.train.units import Baseline, state_to_named, unit_names
 from edgecluster.types import MemberInfo
@@ -149,7 +154,7 @@ class TrainingRun:
         step = self._resume_step()
         eval_round = 0
         while step < o.steps and not stop.is_set():
-            members = self._wait_for_agents(stop)
+            members = self.wait_for_agents(stop)
             if members is None:
                 return None
             plan, ranked = self._plan(members)
@@ -233,7 +238,7 @@ class TrainingRun:
         self.progress.set_state("training")
         return start
 
-    def _wait_for_agents(self, stop: threading.Event) -> list[MemberInfo] | None:
+    def wait_for_agents(self, stop: threading.Event) -> list[MemberInfo] | None:
         needed = self._min_agents
         while not stop.is_set():
             now = time.monotonic()
@@ -292,7 +297,7 @@ class TrainingRun:
         )
         p = self.options.pipeline
         save_training_state(
-            out / STATE_DIR, step=step, data_position=step * p.num_micro_batches,
+            out / TRAINING_STATE_DIR, step=step, data_position=step * p.num_micro_batches,
             rng={"seed": p.seed},
             optimizer=optimizer,
             meta={"run_id": self.run_id, "model": json.loads(self.cfg.to_json()),
@@ -307,12 +312,3 @@ class TrainingRun:
 
 def _nth_batch(sampler: BatchSampler, first: int, micro_batch: int) -> torch.Tensor:
     return sampler.batch(first + micro_batch)
-
-
-def dry_run(options: TrainOptions, cluster: ClusterSpec, cfg: ModelConfig) -> str:
-    """The plan and every schedule's simulated iteration on `cluster` (no agents, no data)."""
-    plans = compare_schedules(cluster, cfg, options.pipeline)
-    return describe_plan(plans[options.pipeline.schedule], plans)
-
-
-__all__ = ["EdgeClusterError", "TrainingRun", "cluster_of", "dry_run", "load_model"]

@@ -7,10 +7,9 @@ import logging
 from pathlib import Path
 
 from edgecluster.model_config import ModelConfig
-from edgecluster.train.checkpoint import load_training_state
+from edgecluster.train.checkpoint import TRAINING_STATE_DIR, load_training_state
 
 log = logging.getLogger(__name__)
-STATE_DIR = "training_state"  # inside a checkpoint: optimizer, step, data position
 
 
 def find_latest_checkpoint(root: Path, cfg: ModelConfig) -> tuple[Path, int] | None:
@@ -20,9 +19,9 @@ def find_latest_checkpoint(root: Path, cfg: ModelConfig) -> tuple[Path, int] | N
         return None
     best: tuple[Path, int] | None = None
     for path in sorted(root.iterdir()):
-        if not (path / STATE_DIR / "training_state.json").is_file():
+        if not (path / TRAINING_STATE_DIR / "training_state.json").is_file():
             continue
-        state = load_training_state(path / STATE_DIR)
+        state = load_training_state(path / TRAINING_STATE_DIR)
         model = state.meta.get("model")
         if model is not None and model != json.loads(cfg.to_json()):
             raise ValueError(

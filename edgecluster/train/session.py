@@ -11,25 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
-from edgecluster.comm.communicator import Communicator, SessionConfig
+from edgecluster.comm.communicator import Communicator
 from edgecluster.comm.mailbox import Mailbox
 from edgecluster.model_config import ModelConfig
-from edgecluster.net.auth import derive_session_key
-from edgecluster.net.datachannel import DataListener
-from edgecluster.net.pb import edgecluster_pb2 as pb
 from edgecluster.net.pb import edgecluster_pb2_grpc as pb_grpc
-from edgecluster.plan.cluster_file import LinkTable, link_matrix, session_links
-from edgecluster.runtime.agent import reachable_host
-from edgecluster.runtime.agent_calls import call_all, close_sessions
+from edgecluster.runtime.agent_calls import close_sessions
+from edgecluster.runtime.session_open import SessionLinks, open_session
 from edgecluster.train import spec as m
 from edgecluster.train.executor import SEED
 from edgecluster.train.spec import TrainingSpec
@@ -49,19 +43,6 @@ class StepResult:
     busy_s: Mapping[str, float]
 
 
-@dataclass(frozen=True, kw_only=True)
-class SessionLinks:
-    """How the coordinator reaches agents: its listener, host, token and link emulation."""
-
-    listener: DataListener
-    host: str
-    token: str
-    encrypt: bool = False
-    link_delay_ms: float = 0.0
-    link_table: LinkTable | None = None  # --cluster FILE: per-pair latency and bandwidth
-    stub_for: Callable[[MemberInfo], pb_grpc.AgentStub] | None = None
-
-
 class TrainingSession:
     def __init__(
         self, links: SessionLinks, spec: TrainingSpec, members: Sequence[MemberInfo]
@@ -79,42 +60,15 @@ class TrainingSession:
         self.comm.begin_step()
 
     def _open(self) -> Communicator:
-        links, salt = self._links, secrets.token_bytes(16)
-        key = derive_session_key(links.token, self.session_id, salt)  # never sent
-        endpoints = [f"{mem.address.rpartition(':')[0]}:{mem.data_port}" for mem in self.members]
-        links.listener.expect(self.session_id, key, links.link_delay_ms, links.encrypt)
         training_json = self.spec.to_json()
-        matrix = link_matrix(links.link_table, self.names) if links.link_table else None
-
-        def open_on(rank: int, member: MemberInfo) -> pb.AgentStatus:
-            hub = f"{reachable_host(links.host, member.address)}:{links.listener.port}"
-            delays, bandwidths = session_links(matrix, rank)
-            request = pb.SessionSpec(
-                session_id=self.session_id, key_salt=salt, encrypt_data=links.encrypt,
-                rank=rank, endpoints=[hub, *endpoints], algorithm="ring",
-                compute_dtype="float32", link_delay_ms=links.link_delay_ms,
-                link_delays_ms=delays, link_bandwidths_mb_s=bandwidths,
-                peer_names=self.names, kind="training", training_json=training_json,
-            )  # fmt: skip
-            return self._stubs[member.id].OpenSession(request, timeout=OPEN_DEADLINE_S)
-
-        calls: dict[str, Callable[[], pb.AgentStatus]] = {
-            mem.id: partial(open_on, r, mem) for r, mem in enumerate(self.members, 1)
-        }
-        try:
-            call_all(calls, {mem.id: mem.name for mem in self.members}, "OpenSession")
-            delays, bandwidths = session_links(matrix, 0)
-            config = SessionConfig(
-                session_id=self.session_id, session_key=key, encrypt=links.encrypt, rank=0,
-                endpoints=(f"{links.host}:{links.listener.port}", *endpoints),
-                link_delay_ms=links.link_delay_ms, link_delays_ms=delays,
-                link_bandwidths_mb_s=bandwidths,
-            )  # fmt: skip
-            return Communicator.connect(config, links.listener, self.names)
-        except Exception:  # AgentCallsFailed, PeerLostError, ...: leave nothing open
-            close_sessions(self._stubs, self.session_id)
-            links.listener.forget(self.session_id)
-            raise
+        return open_session(
+            self._links, self.session_id, self.members, self._stubs,
+            fields_for=lambda rank, member: {
+                "algorithm": "ring", "compute_dtype": "float32", "kind": "training",
+                "training_json": training_json,
+            },
+            deadline_for=lambda member: OPEN_DEADLINE_S,
+        )  # fmt: skip
 
     # ---- units ----
     def initialize(self, *, step: int, baseline: Baseline, cfg: ModelConfig) -> int:

@@ -31,7 +31,6 @@ LOSS = 7  # source -> coordinator: (LOSS, step, micro-batch, 0) float64 [loss_su
 READY = 8  # agent -> coordinator: (READY, step, 0, 0) float64 [busy_s, peak_rss]
 VERDICT = 9  # coordinator -> agent: (VERDICT, step, 0, 0) int64 [1 commit | 0 drop]
 REDUCE = 10  # replicas' gradient all-reduce: (REDUCE, step, stage, ring step)
-FAILED = 11  # agent -> coordinator: (FAILED, 0, 0, 0) uint8 message
 HAVE = 12  # agent -> coordinator: (HAVE, 0, 0, 0) int64 [step, units...] it retains
 EVAL_ACT = 13  # (EVAL_ACT, round, batch, hop)
 EVAL_DATA = 14  # coordinator -> eval source: (EVAL_DATA, round, batch, 0) int64 [B, T+1]
@@ -45,10 +44,6 @@ GATHER = 3  # every agent sends the units it is asked for: INIT-style list follo
 STOP = 4
 
 EMBED_HEAD = -1  # unit number of stage 0's parameters; layers are 0..L-1
-
-
-def unit_name(unit: int) -> str:
-    return "embed_head" if unit == EMBED_HEAD else f"layer.{unit}"
 
 
 @dataclass(frozen=True, kw_only=True)

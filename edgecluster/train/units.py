@@ -69,10 +69,9 @@ class Baseline:
         weights = read_hf_weights(self.path, wanted)
         optimizer: Mapping[str, torch.Tensor] = {}
         if self.kind == "checkpoint":
-            from edgecluster.train.checkpoint import load_training_state
-            from edgecluster.train.resume import STATE_DIR
+            from edgecluster.train.checkpoint import TRAINING_STATE_DIR, load_training_state
 
-            optimizer = load_training_state(self.path / STATE_DIR).optimizer
+            optimizer = load_training_state(self.path / TRAINING_STATE_DIR).optimizer
         out: dict[int, list[torch.Tensor]] = {}
         for u in units:
             state = [weights[name].float() for name in names[u]]

@@ -90,11 +90,6 @@ class StageWorker:
         out.append(torch.tensor([step], dtype=torch.float32))
         return out
 
-    def state_like(self, unit: int) -> list[torch.Tensor]:
-        params = self.units[unit]
-        like = [p.detach() for p in params] * 3
-        return like + [torch.zeros(1, dtype=torch.float32)]
-
     @torch.no_grad()
     def load_unit_state(self, unit: int, tensors: list[torch.Tensor]) -> None:
         params = self.units[unit]
