@@ -119,7 +119,8 @@ def _kill_mid_run(
             f"{after_steps} training steps",
         )  # fmt: skip
         view = _training_view(http_port)
-        assert view is not None and view["state"] == "training" and view["plan"] is not None
+        assert view is not None and view["plan"] is not None, view
+        assert view["state"] != "done" and view["step"] < view["steps"], view  # still going
         victim = pick_victim(view["plan"])
         os.killpg(started[victim].pid, signal.SIGKILL)
         out, _ = coordinator.communicate(timeout=180)
